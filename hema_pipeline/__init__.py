@@ -1,0 +1,3 @@
+"""hema-pipeline: CellaVision-style blood-smear exports -> anonymised datasets, models and predictions."""
+
+__version__ = "0.1.0"

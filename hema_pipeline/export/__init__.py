@@ -1,0 +1,1 @@
+"""The CellaVision-style export format, its synthetic generator and the PBC adapter."""
