@@ -1,0 +1,40 @@
+# Two commands a newcomer needs: `make demo` (the main job end to end) and `make test`.
+# Each bootstraps .venv from requirements.lock on first use; only python3 (3.11+) is required.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HEMA_HOME ?= $(CURDIR)/.hema
+export DAGSTER_HOME ?= $(HEMA_HOME)/dagster_home
+export GX_ANALYTICS_ENABLED := false
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: demo demo-pbc test ui benchmarks clean lock
+
+$(BIN)/hema: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
+	$(BIN)/uv pip install --quiet -p $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet -p $(BIN)/python --no-deps -e .
+	touch $(BIN)/hema
+
+demo: $(BIN)/hema
+	$(BIN)/hema demo
+
+demo-pbc: $(BIN)/hema
+	$(BIN)/hema demo --pbc
+
+test: $(BIN)/hema
+	$(BIN)/python -m pytest -q
+
+ui: $(BIN)/hema
+	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
+	HEMA_DEMO=1 $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+benchmarks: $(BIN)/hema
+	$(BIN)/python benchmarks/import_throughput.py
+
+lock:
+	uv pip compile pyproject.toml --extra test -p 3.11 -o requirements.lock
+
+clean:
+	rm -rf .hema

@@ -1,0 +1,1 @@
+"""Pseudonymisation of smear metadata: keyed pseudonyms, age bands, dates; everything else dropped."""

@@ -1,0 +1,86 @@
+"""The `hema` command line. Imports are lazy: `hema query` must not pay for TensorFlow."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hema_pipeline.demo import run_demo
+
+    return run_demo(use_pbc=args.pbc, smears=args.smears, cells_per_smear=args.cells, seed=args.seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
+
+    spec = SyntheticExportSpec(
+        smears=args.smears,
+        cells_per_smear=args.cells,
+        seed=args.seed,
+        dysplastic_smear_share=args.dysplastic_share,
+        malignant_smear_share=args.malignant_share,
+        verified_share=args.verified_share,
+    )
+    export = generate_export(Path(args.out), spec)
+    print(f"wrote {len(export.smears)} smears to {export.root}")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from hema_pipeline import settings
+    from hema_pipeline.storage.warehouse import Warehouse
+
+    import pandas as pd
+
+    frame = Warehouse(args.warehouse or settings.warehouse_path()).query(args.sql)
+    if args.csv:
+        frame.to_csv(sys.stdout, index=False)
+    else:
+        with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", None, "display.width", 200):
+            print(frame.to_string(index=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hema", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run the main job end to end on the embedded default")
+    demo.add_argument("--pbc", action="store_true", help="use the PBC images in HEMA_SHARED_DATA instead of synthetic smears")
+    demo.add_argument("--smears", type=int, default=8)
+    demo.add_argument("--cells", type=int, default=100, help="cells per smear")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_demo)
+
+    generate = commands.add_parser("generate", help="write a synthetic CellaVision-style export (fake patients)")
+    generate.add_argument("out", help="folder to write the smear folders into (e.g. the inbox)")
+    generate.add_argument("--smears", type=int, default=6)
+    generate.add_argument("--cells", type=int, default=100, help="cells per smear")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--dysplastic-share", type=float, default=0.0, help="share of smears generated dysplastic")
+    generate.add_argument("--malignant-share", type=float, default=0.0, help="share of smears with blasts")
+    generate.add_argument("--verified-share", type=float, default=1.0, help="share of cells with a verified class")
+    generate.set_defaults(handler=_generate)
+
+    query = commands.add_parser("query", help="run SQL against the warehouse (read-only)")
+    query.add_argument("sql")
+    query.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+    query.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    query.add_argument("--max-rows", type=int, default=200)
+    query.set_defaults(handler=_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

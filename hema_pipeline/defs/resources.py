@@ -1,0 +1,74 @@
+"""Dagster resources: configuration in, domain objects out. Defaults come from the environment
+(``hema_pipeline.settings``); every field can also be set in the launchpad or in Dagster config."""
+
+
+import os
+
+import dagster as dg
+
+from hema_pipeline import settings
+from hema_pipeline.anonymise.pseudonymise import PseudonymKey, load_pseudonym_key
+from hema_pipeline.ingest.inbox import Inbox
+from hema_pipeline.ingest.smear_import import ImportTargets
+from hema_pipeline.storage.object_store import ObjectStore, open_object_store
+from hema_pipeline.storage.warehouse import Warehouse
+
+
+class InboxResource(dg.ConfigurableResource):
+    """Where smear exports arrive: a local folder or s3://bucket/prefix. Read-only to the pipeline."""
+
+    url: str
+    s3_endpoint_url: str = ""
+    settle_seconds: float = 300.0
+
+    def inbox(self) -> Inbox:
+        return Inbox(open_object_store(self.url, endpoint_url=self.s3_endpoint_url or None), self.settle_seconds)
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The anonymised lake (images, Parquet, model artefacts) and the identifiable quarantine store."""
+
+    lake_url: str
+    quarantine_url: str
+    s3_endpoint_url: str = ""
+
+    def lake(self) -> ObjectStore:
+        return open_object_store(self.lake_url, endpoint_url=self.s3_endpoint_url or None)
+
+    def quarantine(self) -> ObjectStore:
+        return open_object_store(self.quarantine_url, endpoint_url=self.s3_endpoint_url or None)
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB file the lab queries."""
+
+    path: str
+
+    def warehouse(self) -> Warehouse:
+        return Warehouse(self.path)
+
+
+class PseudonymKeyResource(dg.ConfigurableResource):
+    """The HMAC key behind every pseudonym. Set HEMA_PSEUDONYM_KEY (hex) or HEMA_PSEUDONYM_KEY_FILE;
+    without either, runs refuse to start unless demo mode (HEMA_DEMO=1) made a local key file."""
+
+    key_file: str = ""
+    demo_mode: bool = False
+
+    def key(self) -> PseudonymKey:
+        # Read at use, never stored as resource config, so the secret does not appear in run config or the UI.
+        return load_pseudonym_key(os.environ.get("HEMA_PSEUDONYM_KEY"), self.key_file or None, self.demo_mode)
+
+
+def import_targets(storage: StorageResource, warehouse: WarehouseResource) -> ImportTargets:
+    return ImportTargets(lake=storage.lake(), quarantine=storage.quarantine(), warehouse=warehouse.warehouse())
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    endpoint = settings.s3_endpoint_url()
+    return {
+        "inbox": InboxResource(url=settings.inbox_url(), s3_endpoint_url=endpoint, settle_seconds=settings.inbox_settle_seconds()),
+        "storage": StorageResource(lake_url=settings.lake_url(), quarantine_url=settings.quarantine_url(), s3_endpoint_url=endpoint),
+        "warehouse": WarehouseResource(path=settings.warehouse_path()),
+        "pseudonyms": PseudonymKeyResource(key_file=settings.pseudonym_key_file(), demo_mode=settings.demo_mode()),
+    }

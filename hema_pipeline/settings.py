@@ -1,0 +1,62 @@
+"""Settings read from the environment, with the embedded defaults a new user needs no setup for.
+
+Every path can be a local folder or an ``s3://bucket/prefix`` URL. See docs/settings.md for the list.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def hema_home() -> Path:
+    return Path(_env("HEMA_HOME", ".hema")).resolve()
+
+
+def inbox_url() -> str:
+    return _env("HEMA_INBOX", str(hema_home() / "inbox"))
+
+
+def lake_url() -> str:
+    return _env("HEMA_LAKE", str(hema_home() / "lake"))
+
+
+def quarantine_url() -> str:
+    return _env("HEMA_QUARANTINE", str(hema_home() / "quarantine"))
+
+
+def warehouse_path() -> str:
+    return _env("HEMA_WAREHOUSE", str(hema_home() / "warehouse.duckdb"))
+
+
+def s3_endpoint_url() -> str:
+    return _env("HEMA_S3_ENDPOINT_URL", "")
+
+
+def demo_mode() -> bool:
+    return _env("HEMA_DEMO", "0").lower() in ("1", "true", "yes")
+
+
+def pseudonym_key_file() -> str:
+    return _env("HEMA_PSEUDONYM_KEY_FILE", str(hema_home() / "pseudonym.key") if demo_mode() else "")
+
+
+def inbox_settle_seconds() -> float:
+    return float(_env("HEMA_INBOX_SETTLE_SECONDS", "300"))
+
+
+def shared_data_dir() -> Path:
+    return Path(_env("HEMA_SHARED_DATA", "../shared/data")).resolve()
+
+
+def nightly_import_cron() -> str:
+    return _env("HEMA_NIGHTLY_IMPORT_CRON", "30 2 * * *")
+
+
+def schedule_timezone() -> str:
+    return _env("HEMA_TIMEZONE", "Europe/Madrid")
