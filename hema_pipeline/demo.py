@@ -63,7 +63,11 @@ def run_demo(use_pbc: bool, smears: int, cells_per_smear: int, seed: int) -> int
     failed = 0
     for request in requests:
         result = import_job.execute_in_process(
-            instance=instance, partition_key=request.partition_key, tags={"hema/trigger": "demo"}, raise_on_error=False
+            instance=instance,
+            partition_key=request.partition_key,
+            tags={"hema/trigger": "demo"},
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            raise_on_error=False,
         )
         failed += 0 if result.success else 1
 
