@@ -83,8 +83,12 @@ def strip_jpeg_metadata(data: bytes) -> bytes:
 
 
 def clean_cell_image(data: bytes) -> CleanImage:
-    """Strip metadata, then decode every pixel of the result: a truncated or corrupt file is rejected
-    here, not when a model later trips over it."""
+    """Strip metadata, then decode the result: a truncated or corrupt file is rejected here, not when a
+    model later trips over it.
+
+    The decode runs at 1/8 DCT scale (``draft``): libjpeg still Huffman-decodes every coefficient of the
+    entropy-coded data, which is where truncation and corruption show, but skips the full-size inverse
+    DCT and colour conversion, about three times faster. The frame size is read from the header."""
     if not data:
         raise ImageRejected("not_an_image", "empty file")
     stripped = strip_jpeg_metadata(data)
@@ -92,8 +96,9 @@ def clean_cell_image(data: bytes) -> CleanImage:
         with Image.open(io.BytesIO(stripped)) as image:
             if image.format != "JPEG":
                 raise ImageRejected("not_an_image", f"not a JPEG image ({image.format})")
-            image.load()
             width, height = image.size
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
             if image.mode not in ("RGB", "L", "YCbCr", "CMYK"):
                 raise ImageRejected("corrupt_image", f"unsupported JPEG colour mode {image.mode}")
     except ImageRejected:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
+import pyarrow.parquet
 
 from hema_pipeline.anonymise.images import ImageRejected, clean_cell_image
 from hema_pipeline.anonymise.pseudonymise import AnonymousSmear, PseudonymKey, anonymise_smear
@@ -354,10 +355,15 @@ class _SmearImport:
     def write_parquet(self, connection) -> None:  # type: ignore[no-untyped-def]
         """Mirror the smear's committed rows to Parquet, the files a data lake or a rebuild reads."""
         for table in ("cells", "smears", "quarantine"):
-            frame = connection.execute(f"select * from {table} where smear_id = ? order by all", [self.smear_id]).df()
+            rows = connection.sql(
+                f"select * from {table} where smear_id = $smear_id order by all", params={"smear_id": self.smear_id}
+            ).to_arrow_table()
+            key = f"tables/{table}/smear_id={self.smear_id}/{table}.parquet"
+            if rows.num_rows == 0 and not self.targets.lake.exists(key):
+                continue
             buffer = io.BytesIO()
-            frame.to_parquet(buffer, index=False)
-            self.targets.lake.put_bytes(f"tables/{table}/smear_id={self.smear_id}/{table}.parquet", buffer.getvalue())
+            pyarrow.parquet.write_table(rows, buffer)
+            self.targets.lake.put_bytes(key, buffer.getvalue())
 
 
 def _unchanged_cells(incoming: pd.DataFrame, existing: pd.DataFrame) -> set[int]:

@@ -7,7 +7,7 @@ through a temporary file and ``os.replace``, on S3 because a PUT is atomic.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +50,18 @@ class LocalObjectStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        temporary = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
+            handle = open(temporary, "xb")
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(temporary, "xb")
+        try:
+            with handle:
+                handle.write(data)
             os.replace(temporary, path)
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
 
     def get_bytes(self, key: str) -> bytes:
