@@ -83,6 +83,15 @@ def _parse_date(text: str, where: str) -> dt.date:
         raise ExportFormatError(f"{where}: '{where.split('.')[-1]}' is not an ISO date") from None
 
 
+def _optional_text(mapping: dict[str, Any], key: str) -> str:
+    value = mapping.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ExportFormatError(f"smear: field '{key}' must be a string or null")
+    return value
+
+
 def parse_smear_metadata(raw: bytes) -> SmearMetadata:
     """Parse ``smear.json``; raise ``ExportFormatError`` naming the first problem found."""
     try:
@@ -128,7 +137,16 @@ def parse_smear_metadata(raw: bytes) -> SmearMetadata:
         image = _require(cell_doc, "image", str, where)
         if cell_id in seen_ids:
             raise ExportFormatError(f"{where}: duplicate cell_id {cell_id}")
-        if image in seen_images or not image or "/" in image or "\\" in image or image.startswith("."):
+        if cell_id < 0:
+            raise ExportFormatError(f"{where}: cell_id must not be negative")
+        if (
+            image in seen_images
+            or not image
+            or image == METADATA_FILE_NAME
+            or "/" in image
+            or "\\" in image
+            or image.startswith(".")
+        ):
             raise ExportFormatError(f"{where}: image must be a unique plain file name in the smear folder")
         verified = cell_doc.get("verified_class")
         if verified is not None and not isinstance(verified, str):
@@ -148,6 +166,6 @@ def parse_smear_metadata(raw: bytes) -> SmearMetadata:
         analyser_id=_require(document, "analyser_id", str, "smear"),
         patient=patient,
         collected_at=collected_at,
-        comment=str(document.get("comment") or ""),
+        comment=_optional_text(document, "comment"),
         cells=tuple(cells),
     )
