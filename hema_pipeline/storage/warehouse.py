@@ -7,6 +7,7 @@ query that overlaps a run waits instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -80,4 +81,6 @@ def replace_rows(
         columns = ", ".join(frame.columns)
         connection.execute(f"insert into {table} ({columns}) select {columns} from incoming_rows")
     finally:
-        connection.unregister("incoming_rows")
+        # Inside an aborted transaction unregister raises too; the original error is the one to see.
+        with contextlib.suppress(duckdb.Error):
+            connection.unregister("incoming_rows")

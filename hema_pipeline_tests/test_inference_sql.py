@@ -1,0 +1,301 @@
+"""The prediction tables and views in a real DuckDB warehouse: hand-computed differentials, champion
+selection, the referral queue, lineage, verified agreement by week, and idempotent re-writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from hema_pipeline.inference.cards import PlainModelCard
+from hema_pipeline.inference.records import (
+    load_analyser_classes,
+    load_smear_predictions,
+    prediction_records,
+    write_predictions,
+    write_smear_report,
+)
+from hema_pipeline.inference.differential import FlagSettings
+from hema_pipeline.inference.report import ReportSettings, build_smear_report
+from hema_pipeline.inference.routing import Route
+from hema_pipeline.storage.warehouse import Warehouse
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+SMEAR_A = "S" + "a" * 20
+SMEAR_B = "S" + "b" * 20
+PBC_CLASSES = ("neutrophil", "lymphocyte", "monocyte", "erythroblast", "platelet")
+DYSPLASIA_CLASSES = ("neutrophil", "hypogranulated_neutrophil")
+# Only what views.sql reads, for a checkout where sql/models.sql has not landed yet.
+MINIMAL_MODELS = "create table models (model_version varchar, task varchar, dataset_version varchar, status varchar)"
+
+
+@pytest.fixture
+def connection(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    if (SQL_DIR / "models.sql").is_file():
+        # The real warehouse applies every schema file in order, ours included.
+        with Warehouse(tmp_path / "warehouse.duckdb").connect() as connection:
+            yield connection
+        return
+    connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    try:
+        connection.execute((SQL_DIR / "schema.sql").read_text())
+        connection.execute(MINIMAL_MODELS)
+        connection.execute((SQL_DIR / "predictions.sql").read_text())
+        connection.execute((SQL_DIR / "views.sql").read_text())
+        yield connection
+    finally:
+        connection.close()
+
+
+def insert_model(connection: duckdb.DuckDBPyConnection, model_version: str, task: str, dataset_version: str, status: str) -> None:
+    """A models row with the columns the views read; other NOT NULL columns of the registry's table get
+    neutral values of their type, so the test follows that table as it grows."""
+    values: dict[str, object] = {"model_version": model_version, "task": task, "dataset_version": dataset_version, "status": status}
+    columns = connection.execute(
+        "select column_name, data_type, is_nullable from information_schema.columns where table_name = 'models'"
+    ).fetchall()
+    neutral = {"VARCHAR": "x", "INTEGER": 0, "BIGINT": 0, "DOUBLE": 0.0, "TIMESTAMP": dt.datetime(2026, 1, 1), "BOOLEAN": False}
+    for name, data_type, nullable in columns:
+        if name not in values and nullable == "NO":
+            values[name] = neutral[data_type]
+    names = ", ".join(values)
+    connection.execute(f"insert into models ({names}) values ({', '.join('?' for _ in values)})", list(values.values()))
+
+
+def insert_smear(connection, smear_id: str, collected: dt.date, cells: dict[int, tuple[str, str | None]]) -> None:
+    """cells: cell number -> (analyser class, verified class or None)."""
+    now = dt.datetime(2026, 11, 19, 8, 0)
+    run_id = f"run-{smear_id[:4]}"
+    connection.execute(
+        "insert into import_runs values (?, ?, 'dagster-1', ?, ?, 'imported', ?, ?, 0, 0)",
+        [run_id, smear_id, now, now, len(cells) + 1, len(cells)],
+    )
+    connection.execute(
+        "insert into smears values (?, 'P0000000000000000000a', '40-49', 'F', ?, 'DM96-1', ?, ?, ?)",
+        [smear_id, collected, len(cells), run_id, now],
+    )
+    for number, (analyser, verified) in cells.items():
+        connection.execute(
+            "insert into cells values (?, ?, 'P0000000000000000000a', ?, ?, ?, 360, 363, ?, ?, ?, ?)",
+            [f"{smear_id}:{number}", smear_id, number, f"{number:064x}", f"images/{smear_id}/{number}.jpg", analyser, verified, run_id, now],
+        )
+
+
+def stage(smear_id: str, task: str, version: str, classes: tuple[str, ...], cells: dict[int, tuple[str, str | None]]) -> pd.DataFrame:
+    """Prediction-table rows: cell number -> (predicted class, referral reason or None)."""
+    return pd.DataFrame(
+        {
+            "cell_key": [f"{smear_id}:{number}" for number in cells],
+            "task": task,
+            "model_version": version,
+            "predicted_class": [cell_class for cell_class, _ in cells.values()],
+            "confidence": [0.97 if reason is None else 0.41 for _, reason in cells.values()],
+            "energy": -6.5,
+            "ood_score": -6.5,
+            "accepted": [reason is None for _, reason in cells.values()],
+            "referral_reason": pd.Series([reason for _, reason in cells.values()], dtype=object),
+            "probabilities": [{name: (0.96 if name == cell_class else 0.04 / (len(classes) - 1)) for name in classes} for cell_class, _ in cells.values()],
+        }
+    )
+
+
+A_PBC_V1 = {
+    1: ("neutrophil", None),
+    2: ("neutrophil", None),
+    3: ("neutrophil", None),
+    4: ("neutrophil", None),
+    5: ("neutrophil", None),
+    6: ("lymphocyte", None),
+    7: ("lymphocyte", None),
+    8: ("erythroblast", None),
+    9: ("monocyte", "low_confidence"),
+    10: ("lymphocyte", "unfamiliar"),
+}
+
+
+@pytest.fixture
+def warehouse(connection):
+    insert_model(connection, "pbc-v1", "pbc", "ds-1", "champion")
+    insert_model(connection, "pbc-v2", "pbc", "ds-2", "candidate")
+    insert_model(connection, "dys-v1", "dysplasia", "ds-1", "champion")
+    insert_smear(
+        connection,
+        SMEAR_A,
+        dt.date(2026, 11, 18),  # a Wednesday: week starting Monday 16 November
+        {
+            1: ("neutrophil", "neutrophil"),
+            2: ("neutrophil", None),
+            3: ("neutrophil", None),
+            4: ("neutrophil", None),
+            5: ("neutrophil", "hypogranulated_neutrophil"),
+            6: ("lymphocyte", "lymphocyte"),
+            7: ("lymphocyte", None),
+            8: ("erythroblast", None),
+            9: ("monocyte", None),
+            10: ("lymphocyte", "lymphocyte"),
+        },
+    )
+    insert_smear(
+        connection,
+        SMEAR_B,
+        dt.date(2026, 11, 24),
+        {1: ("neutrophil", "lymphocyte"), 2: ("neutrophil", None), 3: ("neutrophil", None), 4: ("platelet", "platelet")},
+    )
+    champion_time = dt.datetime(2026, 11, 19, 10, 0)
+    later = dt.datetime(2026, 11, 20, 10, 0)
+    a_pbc_v1 = stage(SMEAR_A, "pbc", "pbc-v1", PBC_CLASSES, A_PBC_V1)
+    a_pbc_v1["gradcam_key"] = [f"gradcam/pbc-v1/{SMEAR_A}/9.png" if number == 9 else None for number in A_PBC_V1]
+    # A challenger run later on the same smear: everything a monocyte. The champion's rows must count.
+    a_pbc_v2 = stage(SMEAR_A, "pbc", "pbc-v2", PBC_CLASSES, {number: ("monocyte", None) for number in A_PBC_V1})
+    a_dysplasia = stage(
+        SMEAR_A, "dysplasia", "dys-v1", DYSPLASIA_CLASSES, {n: ("neutrophil", None) for n in (1, 2, 3, 4)} | {5: ("hypogranulated_neutrophil", None)}
+    )
+    b_pbc_v2 = stage(SMEAR_B, "pbc", "pbc-v2", PBC_CLASSES, {1: ("neutrophil", None), 2: ("neutrophil", None), 3: ("neutrophil", None), 4: ("platelet", None)})
+    write_predictions(connection, prediction_records(pd.concat([a_pbc_v1, a_dysplasia]), SMEAR_A, "prun-1", champion_time))
+    write_predictions(connection, prediction_records(a_pbc_v2, SMEAR_A, "prun-2", later))
+    write_predictions(connection, prediction_records(b_pbc_v2, SMEAR_B, "prun-2", later))
+    return connection
+
+
+def rows(connection, sql: str, parameters=()) -> list[tuple]:
+    return connection.execute(sql, list(parameters)).fetchall()
+
+
+def test_differential_per_smear_uses_the_champion_and_counts_accepted_cells(warehouse):
+    differential = rows(
+        warehouse,
+        """select cell_class, cells, accepted_cells, referred_cells, total_cells,
+                  round(percent_of_accepted, 4), is_leukocyte, round(per_100_leukocytes, 4)
+           from differential_per_smear where smear_id = ? and task = 'pbc' and model_version = 'pbc-v1'
+           order by cell_class""",
+        [SMEAR_A],
+    )
+    # 8 accepted cells (2 referred), 7 of them leukocytes.
+    assert differential == [
+        ("erythroblast", 1, 8, 2, 10, 12.5, False, round(100 / 7, 4)),
+        ("lymphocyte", 2, 8, 2, 10, 25.0, True, round(200 / 7, 4)),
+        ("monocyte", 0, 8, 2, 10, 0.0, True, 0.0),
+        ("neutrophil", 5, 8, 2, 10, 62.5, True, round(500 / 7, 4)),
+        ("platelet", 0, 8, 2, 10, 0.0, False, 0.0),
+    ]
+    # The later challenger run (pbc-v2) does not replace the champion's differential on smear A ...
+    assert rows(warehouse, "select distinct model_version from differential_per_smear where smear_id = ? and task = 'pbc'", [SMEAR_A]) == [("pbc-v1",)]
+    # ... but where only it ran (smear B), its predictions are the current ones.
+    b = rows(
+        warehouse,
+        "select cell_class, cells, round(percent_of_accepted, 4), round(per_100_leukocytes, 4) from differential_per_smear "
+        "where smear_id = ? and cells > 0 order by cell_class",
+        [SMEAR_B],
+    )
+    assert b == [("neutrophil", 3, 75.0, 100.0), ("platelet", 1, 25.0, round(100 / 3, 4))]
+    dysplasia = rows(
+        warehouse,
+        "select cell_class, cells, percent_of_accepted from differential_per_smear where task = 'dysplasia' order by cell_class",
+    )
+    assert dysplasia == [("hypogranulated_neutrophil", 1, 20.0), ("neutrophil", 4, 80.0)]
+
+
+def test_referral_queue_lists_unverified_referred_cells_with_their_images(warehouse):
+    queue = rows(
+        warehouse,
+        "select cell_uid, cell_id, task, model_version, predicted_class, referral_reason, gradcam_key, image_key, analyser_class from referral_queue",
+    )
+    # Cell 10 was referred too, but a technologist has verified it since.
+    assert queue == [
+        (f"{SMEAR_A}:9", 9, "pbc", "pbc-v1", "monocyte", "low_confidence", f"gradcam/pbc-v1/{SMEAR_A}/9.png", f"images/{SMEAR_A}/9.jpg", "monocyte")
+    ]
+
+
+def test_prediction_lineage_links_cell_model_dataset_and_import(warehouse):
+    assert rows(warehouse, "select count(*) from prediction_lineage") == [(29,)]
+    lineage = rows(
+        warehouse,
+        "select model_version, model_status, dataset_version, import_run_id, import_dagster_run_id, prediction_run_id "
+        "from prediction_lineage where cell_uid = ? order by model_version",
+        [f"{SMEAR_A}:1"],
+    )
+    assert lineage == [
+        ("dys-v1", "champion", "ds-1", "run-Saaa", "dagster-1", "prun-1"),
+        ("pbc-v1", "champion", "ds-1", "run-Saaa", "dagster-1", "prun-1"),
+        ("pbc-v2", "candidate", "ds-2", "run-Saaa", "dagster-1", "prun-2"),
+    ]
+
+
+def test_verified_agreement_by_week(warehouse):
+    agreement = rows(
+        warehouse,
+        """select week_start, model_version, verified_cells, agreeing_cells, agreement, accepted_cells,
+                  accepted_agreement, referred_cells, outside_model_classes
+           from verified_agreement order by week_start, model_version""",
+    )
+    week_a, week_b = dt.date(2026, 11, 16), dt.date(2026, 11, 23)
+    assert agreement == [
+        # Cells 1, 6 and 10 are comparable (cell 5's hypogranulated class is not a pbc class).
+        (week_a, "dys-v1", 2, 2, 1.0, 2, 1.0, 0, 0),
+        (week_a, "pbc-v1", 3, 3, 1.0, 2, 1.0, 1, 1),
+        (week_a, "pbc-v2", 3, 0, 0.0, 3, 0.0, 0, 1),
+        (week_b, "pbc-v2", 2, 1, 0.5, 2, 0.5, 0, 0),
+    ]
+
+
+def test_rewrites_replace_rows_and_reads_round_trip(warehouse):
+    before = rows(warehouse, "select count(*) from predictions")
+    again = stage(SMEAR_A, "pbc", "pbc-v1", PBC_CLASSES, A_PBC_V1 | {9: ("monocyte", None)})
+    write_predictions(warehouse, prediction_records(again, SMEAR_A, "prun-3", dt.datetime(2026, 11, 21)))
+    assert rows(warehouse, "select count(*) from predictions") == before
+    assert rows(warehouse, "select count(*) from referral_queue") == [(0,)]  # cell 9 is accepted now
+
+    loaded = load_smear_predictions(warehouse, SMEAR_A, ["pbc-v1"])
+    assert loaded["cell_key"].tolist() == [f"{SMEAR_A}:{number}" for number in range(1, 11)]
+    assert loaded["predicted_class"].tolist() == again["predicted_class"].tolist()
+    assert loaded["referral_reason"].tolist() == [None] * 9 + ["unfamiliar"]
+    assert loaded["probabilities"][0] == again["probabilities"][0]
+    with pytest.raises(ValueError, match="not cells of"):
+        prediction_records(again, SMEAR_B, "prun-4")
+    # The table refuses a referral reason it does not know, and an accepted cell with a reason.
+    insert = (
+        "insert into predictions values (?, ?, 'pbc-v9', 'pbc', 'monocyte', 0.5, '{}', -1.0, null, ?, ?, null, "
+        "timestamp '2026-11-21 00:00:00', 'prun-5')"
+    )
+    for accepted, reason in [(False, "tired"), (True, "low_confidence"), (False, None)]:
+        with pytest.raises(duckdb.ConstraintException):
+            warehouse.execute(insert, [SMEAR_A, f"{SMEAR_A}:1", accepted, reason])
+    assert rows(warehouse, "select count(*) from predictions") == before
+
+
+def test_smear_reports_are_keyed_by_version(warehouse):
+    cards = {
+        "pbc": PlainModelCard("pbc", "pbc-v1", PBC_CLASSES, 96, 1.2, {name: 0.6 for name in PBC_CLASSES}, -3.0),
+        "dysplasia": PlainModelCard("dysplasia", "dys-v1", DYSPLASIA_CLASSES, 96, 1.0, {name: 0.6 for name in DYSPLASIA_CLASSES}),
+    }
+    routes = [Route("pbc", "neutrophil", "dysplasia")]
+    predictions = load_smear_predictions(warehouse, SMEAR_A)
+    analyser = load_analyser_classes(warehouse, SMEAR_A)
+    report = build_smear_report(SMEAR_A, predictions, cards, "pbc", routes, analyser_classes=analyser)
+    write_smear_report(warehouse, report, "prun-1")
+    write_smear_report(warehouse, report, "prun-1")  # a re-run
+    assert rows(warehouse, "select count(*) from smear_reports") == [(1,)]
+
+    stricter = build_smear_report(
+        SMEAR_A, predictions, cards, "pbc", routes, settings=ReportSettings(flags=FlagSettings(dysplasia_share_threshold=0.25))
+    )
+    write_smear_report(warehouse, stricter, "prun-1")
+    stored = rows(
+        warehouse,
+        """select report_version, total_cells, referred_cells, list_contains(flag_codes, 'review_for_myelodysplasia'),
+                  cast(thresholds->>'$.flags.dysplasia_share_threshold' as double), model_versions->>'$.pbc'
+           from smear_reports order by 5""",
+    )
+    # 1 hypogranulated of 5 neutrophils = 20 %: flagged at 0.123, not at 0.25.
+    assert stored == [
+        (report.report_version, 10, 2, True, 0.123, "pbc-v1"),
+        (stricter.report_version, 10, 2, False, 0.25, "pbc-v1"),
+    ]
+    markdown, differential = rows(warehouse, "select markdown, differential from smear_reports where report_version = ?", [report.report_version])[0]
+    assert markdown == report.markdown()
+    assert json.loads(differential)[0]["rows"][0]["class"] == "neutrophil"
