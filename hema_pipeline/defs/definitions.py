@@ -1,13 +1,15 @@
 """The single Dagster ``Definitions`` of hema-pipeline (loaded by workspace.yaml and `dagster dev`)."""
 
-
 import dagster as dg
 
+from hema_pipeline.defs.datasets import dataset_assets, dataset_checks
 from hema_pipeline.defs.ingest import imported_smear, import_smears_job, inbox_sensor, nightly_import_schedule
+from hema_pipeline.defs.quality import cell_table, cell_table_checks
 from hema_pipeline.defs.resources import default_resources
 
 defs = dg.Definitions(
-    assets=[imported_smear],
+    assets=[imported_smear, cell_table, *dataset_assets],
+    asset_checks=[*cell_table_checks, *dataset_checks],
     jobs=[import_smears_job],
     sensors=[inbox_sensor],
     schedules=[nightly_import_schedule],

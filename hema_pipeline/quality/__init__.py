@@ -1,0 +1,1 @@
+"""Data-quality checks over the warehouse tables (Great Expectations 1.x), as plain typed results."""
