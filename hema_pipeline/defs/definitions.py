@@ -3,12 +3,13 @@
 import dagster as dg
 
 from hema_pipeline.defs.datasets import dataset_assets, dataset_checks
+from hema_pipeline.defs.models import model_assets
 from hema_pipeline.defs.ingest import imported_smear, import_smears_job, inbox_sensor, nightly_import_schedule
 from hema_pipeline.defs.quality import cell_table, cell_table_checks
 from hema_pipeline.defs.resources import default_resources
 
 defs = dg.Definitions(
-    assets=[imported_smear, cell_table, *dataset_assets],
+    assets=[imported_smear, cell_table, *dataset_assets, *model_assets],
     asset_checks=[*cell_table_checks, *dataset_checks],
     jobs=[import_smears_job],
     sensors=[inbox_sensor],

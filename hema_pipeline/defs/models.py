@@ -1,0 +1,417 @@
+"""Model stage, per task: train -> calibrate -> evaluate and register -> promotion decision.
+
+Each step is an asset, so every model, temperature and threshold is versioned and its lineage runs back
+through the dataset version to the imported smears. Artefacts live in the lake through the storage
+resource; assets hand each other small handles (keys and versions), never "the latest file".
+"""
+
+# No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
+import base64
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+
+from hema_pipeline import settings
+from hema_pipeline.datasets.input_pipeline import evaluation_dataset, resolve_local_image_paths, split_inputs, training_stream
+from hema_pipeline.datasets.splits import CALIBRATION, TEST, TRAIN, VALIDATION
+from hema_pipeline.datasets.tasks import TASKS
+from hema_pipeline.defs.datasets import DatasetHandle, dataset_asset_key
+from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
+from hema_pipeline.defs.resources import StorageResource, WarehouseResource
+from hema_pipeline.storage.object_store import ObjectStore
+
+TRAINER_POOL = "trainer"  # one training at a time: it takes every core (or the GPU)
+
+
+@dataclass(frozen=True)
+class TrainedModelHandle:
+    task: str
+    dataset_version: str
+    model_key: str  # the .keras bytes in the lake, content-addressed
+    architecture: dict
+    training_config: dict
+    training_seconds: float
+    device: str
+    epochs_run: int
+    best_val_accuracy: float
+
+
+@dataclass(frozen=True)
+class CalibrationHandle:
+    task: str
+    dataset_version: str
+    model_key: str
+    temperature: float
+    referral_policy: dict
+    ood_threshold: dict
+
+
+class TrainingRunConfig(dg.Config):
+    architecture: str = ""  # compact | standard | large; empty: the task's hint
+    epochs: int = 30
+    batch_size: int = 64
+    gpu_batch_size: int = 256
+    learning_rate: float = 2e-3
+    early_stopping_patience: int = 6
+    seed: int = 20260101
+
+
+class CalibrationConfig(dg.Config):
+    target_accuracy: float = 0.995  # accepted cells must reach this accuracy on the calibration split
+    min_cells_per_class: int = 50  # fewer calibration cells of a class: its threshold falls back to the global one
+    ood_keep_quantile: float = 0.95  # share of known calibration cells the unfamiliarity threshold keeps
+
+
+class PromotionConfig(dg.Config):
+    min_accuracy_gain: float = 0.002
+    min_macro_f1_gain: float = 0.0
+    min_accuracy: float = 0.0
+    min_macro_f1: float = 0.0
+    max_ece_after: float = 1.0
+
+
+def _png_markdown(png: bytes, title: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def _per_class_markdown(records: list[dict]) -> str:
+    columns = list(records[0]) if records else []
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for record in records:
+        lines.append(
+            "| " + " | ".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in record.values()) + " |"
+        )
+    return "\n".join(lines)
+
+
+class _SplitReader:
+    """Local image files for a dataset's splits (an S3 lake is mirrored into the local cache first)."""
+
+    def __init__(self, dataset: DatasetHandle, lake: ObjectStore) -> None:
+        self.dataset = dataset
+        self.manifest = dataset.manifest(lake)
+        keys = sorted(set(self.manifest["image_key"]))
+        cache = settings.hema_home() / "cache" / "images"
+        self.paths_by_key = dict(zip(keys, resolve_local_image_paths(lake, keys, cache)))
+
+    def inputs(self, split: str) -> tuple[list[str], list[int]]:
+        return split_inputs(self.manifest, split, self.paths_by_key)
+
+    def evaluation(self, split: str):  # -> tf.data.Dataset
+        paths, labels = self.inputs(split)
+        return evaluation_dataset(paths, labels, image_size=self.dataset.config.image_size)
+
+
+def _outputs(model, reader: _SplitReader, split: str):  # -> ModelOutputs
+    from hema_pipeline.modeling.networks import predict_outputs
+
+    return predict_outputs(model, reader.evaluation(split))
+
+
+def _load_keras(lake: ObjectStore, key: str):
+    from hema_pipeline.modeling.registry import model_from_bytes
+
+    return model_from_bytes(lake.get_bytes(key))
+
+
+def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
+    task = TASKS[task_name]
+    dataset_key = dataset_asset_key(task_name)
+    tags = {"task": task_name}
+
+    @dg.asset(
+        name=f"{task_name}_trained_model",
+        ins={"dataset": dg.AssetIn(key=dataset_key)},
+        group_name="models",
+        kinds={"keras", "tensorflow"},
+        owners=["team:ml"],
+        tags=tags,
+        pool=TRAINER_POOL,
+        description=(
+            f"A {task_name} network trained from scratch on the dataset's training split (class-balanced, "
+            "augmented on the fly), early-stopped on the validation split; GPU with mixed precision when "
+            "present, CPU otherwise. The weights are stored content-addressed in the lake."
+        ),
+    )
+    def trained_model(
+        context: dg.AssetExecutionContext, config: TrainingRunConfig, dataset: DatasetHandle, storage: StorageResource
+    ) -> dg.Output[TrainedModelHandle]:
+        from hema_pipeline.modeling.networks import architecture_preset
+        from hema_pipeline.modeling.registry import model_to_bytes, sha256_hex
+        from hema_pipeline.modeling.training import TrainingConfig, train_model, training_batch_size, training_curves_png
+
+        lake = storage.lake()
+        reader = _SplitReader(dataset, lake)
+        dataset_config = dataset.config
+        arch = architecture_preset(config.architecture or task.architecture_hint, dataset_config.image_size)
+        arch = type(arch)(**{**asdict(arch), "pixel_range": 1.0})  # the input pipeline yields [0, 1] floats
+        training_config = TrainingConfig(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            gpu_batch_size=config.gpu_batch_size,
+            learning_rate=config.learning_rate,
+            early_stopping_patience=config.early_stopping_patience,
+            seed=config.seed,
+            augment=False,  # the dataset's configured augmentation runs in the input pipeline
+        )
+        train_paths, train_labels = reader.inputs(TRAIN)
+        stream = training_stream(
+            train_paths,
+            train_labels,
+            len(dataset.classes),
+            image_size=dataset_config.image_size,
+            batch_size=training_batch_size(training_config),
+            augmentation=dataset_config.augmentation,
+            balance_classes=dataset_config.balance_classes,
+            seed=dataset_config.seed,
+        )
+        with tempfile.TemporaryDirectory() as checkpoints:
+            result = train_model(
+                arch,
+                training_config,
+                stream.dataset,
+                reader.evaluation(VALIDATION),
+                dataset.classes,
+                checkpoints,
+                steps_per_epoch=stream.steps_per_epoch,
+            )
+        model_bytes = model_to_bytes(result.model)
+        key = f"models/{task_name}/trained/{sha256_hex(model_bytes)}.keras"
+        if not lake.exists(key):
+            lake.put_bytes(key, model_bytes)
+        context.log.info(
+            f"{task_name}: {result.epochs_run} epochs on {result.device} in {result.seconds:.0f} s, "
+            f"best validation accuracy {result.best_val_accuracy:.4f}"
+        )
+        return dg.Output(
+            TrainedModelHandle(
+                task=task_name,
+                dataset_version=dataset.dataset_version,
+                model_key=key,
+                architecture=asdict(arch),
+                training_config=training_config.to_dict(),
+                training_seconds=result.seconds,
+                device=result.device,
+                epochs_run=result.epochs_run,
+                best_val_accuracy=result.best_val_accuracy,
+            ),
+            metadata={
+                "dataset_version": dataset.dataset_version,
+                "device": result.device,
+                "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch,
+                "training_seconds": round(result.seconds, 1),
+                "best_val_accuracy": result.best_val_accuracy,
+                "parameters": int(result.model.count_params()),
+                "architecture": dg.MetadataValue.json(asdict(arch)),
+                "training_curves": _png_markdown(training_curves_png(result.history, result.best_epoch), "training curves"),
+                "artifact": dg.MetadataValue.path(lake.uri(key)),
+            },
+            data_version=dg.DataVersion(key.rsplit("/", 1)[-1].removesuffix(".keras")[:16]),
+        )
+
+    @dg.asset(
+        name=f"{task_name}_calibration",
+        ins={"dataset": dg.AssetIn(key=dataset_key), "trained": dg.AssetIn(key=f"{task_name}_trained_model")},
+        group_name="models",
+        kinds={"numpy"},
+        owners=["team:ml"],
+        tags=tags,
+        description=(
+            "Calibration artefacts fitted on the calibration split: the temperature (by NLL), per-class "
+            "confidence thresholds so accepted cells reach the target accuracy (the rest go to a "
+            "technologist), and the energy threshold above which a cell is referred as unfamiliar."
+        ),
+    )
+    def calibration(
+        config: CalibrationConfig, dataset: DatasetHandle, trained: TrainedModelHandle, storage: StorageResource
+    ) -> dg.Output[CalibrationHandle]:
+        from hema_pipeline.modeling.calibration import (
+            energy_score,
+            fit_ood_threshold,
+            fit_referral_policy,
+            fit_temperature,
+            softmax,
+        )
+
+        lake = storage.lake()
+        outputs = _outputs(_load_keras(lake, trained.model_key), _SplitReader(dataset, lake), CALIBRATION)
+        temperature = fit_temperature(outputs.logits, outputs.labels)
+        probabilities = softmax(outputs.logits, temperature.temperature)
+        policy = fit_referral_policy(
+            probabilities, outputs.labels, dataset.classes, config.target_accuracy, config.min_cells_per_class
+        )
+        ood = fit_ood_threshold(
+            energy_score(outputs.logits, temperature.temperature),
+            "energy",
+            keep_quantile=config.ood_keep_quantile,
+            energy_temperature=temperature.temperature,
+        )
+        return dg.Output(
+            CalibrationHandle(
+                task=task_name,
+                dataset_version=dataset.dataset_version,
+                model_key=trained.model_key,
+                temperature=temperature.temperature,
+                referral_policy=policy.to_dict(),
+                ood_threshold=ood.to_dict(),
+            ),
+            metadata={
+                "temperature": temperature.temperature,
+                "calibration_cells": len(outputs.labels),
+                "nll_before": temperature.nll_before,
+                "nll_after": temperature.nll_after,
+                "referral_thresholds": dg.MetadataValue.json(policy.to_dict()),
+                "ood_threshold": dg.MetadataValue.json(ood.to_dict()),
+            },
+        )
+
+    @dg.asset(
+        name=f"{task_name}_model",
+        ins={
+            "dataset": dg.AssetIn(key=dataset_key),
+            "trained": dg.AssetIn(key=f"{task_name}_trained_model"),
+            "calibrated": dg.AssetIn(key=f"{task_name}_calibration"),
+        },
+        group_name="models",
+        kinds={"keras", "duckdb"},
+        owners=["team:ml"],
+        tags=tags,
+        pool=DUCKDB_WRITER_POOL,
+        description=(
+            "The registered model: evaluated on the test split (per-class precision, sensitivity, "
+            "specificity, F1, ROC AUC, confusion matrix; ECE/MCE before and after temperature scaling; "
+            "coverage and accepted-cell accuracy of the referral policy), stored with its model card "
+            "content-addressed in the lake and listed in the `models` table as a candidate."
+        ),
+    )
+    def registered_model(
+        context: dg.AssetExecutionContext,
+        dataset: DatasetHandle,
+        trained: TrainedModelHandle,
+        calibrated: CalibrationHandle,
+        storage: StorageResource,
+        warehouse: WarehouseResource,
+    ):
+        from hema_pipeline.modeling.calibration import (
+            OodThreshold,
+            ReferralPolicy,
+            calibration_report,
+            evaluate_referral,
+            reliability_diagram_png,
+            softmax,
+        )
+        from hema_pipeline.modeling.evaluation import confusion_matrix_png, evaluate_logits
+        from hema_pipeline.modeling.networks import ArchitectureConfig
+        from hema_pipeline.modeling.registry import draft_model_card, register_model
+        from hema_pipeline.modeling.training import TrainingConfig
+
+        lake = storage.lake()
+        model_bytes = lake.get_bytes(trained.model_key)
+        model = _load_keras(lake, trained.model_key)
+        outputs = _outputs(model, _SplitReader(dataset, lake), TEST)
+        temperature = calibrated.temperature
+        evaluation = evaluate_logits(outputs.logits, outputs.labels, dataset.classes, temperature)
+        calibration = calibration_report(outputs.logits, outputs.labels, temperature)
+        policy = ReferralPolicy.from_dict(calibrated.referral_policy)
+        referral = evaluate_referral(policy, softmax(outputs.logits, temperature), outputs.labels)
+        confusion_png = confusion_matrix_png(evaluation, title=f"{task_name} test")
+        reliability_png = reliability_diagram_png(calibration)
+        card = draft_model_card(
+            task=task_name,
+            dataset_version=dataset.dataset_version,
+            arch=ArchitectureConfig(**trained.architecture),
+            training_config=TrainingConfig.from_dict(trained.training_config),
+            class_names=dataset.classes,
+            training_seconds=trained.training_seconds,
+            training_device=trained.device,
+            test_evaluation=evaluation,
+            test_calibration=calibration,
+            referral=policy,
+            test_referral=referral,
+            ood=OodThreshold.from_dict(calibrated.ood_threshold),
+        )
+        card = register_model(
+            lake,
+            warehouse.warehouse(),
+            card,
+            model_bytes,
+            attachments={"confusion_matrix.png": confusion_png, "reliability_diagram.png": reliability_png},
+        )
+        context.log.info(
+            f"{task_name} model {card.model_version}: test accuracy {evaluation.accuracy:.4f}, "
+            f"macro F1 {evaluation.macro_f1:.4f}, ECE {calibration.after.ece:.4f}, coverage {referral.coverage:.3f}"
+        )
+        yield dg.Output(
+            card,
+            metadata={
+                "model_version": card.model_version,
+                "dataset_version": dataset.dataset_version,
+                "test_cells": evaluation.cells,
+                "accuracy": evaluation.accuracy,
+                "macro_f1": evaluation.macro_f1,
+                "ece_before": calibration.before.ece,
+                "ece_after": calibration.after.ece,
+                "mce_after": calibration.after.mce,
+                "temperature": temperature,
+                "referral_coverage": referral.coverage,
+                "accepted_accuracy": referral.accepted_accuracy,
+                "per_class": dg.MetadataValue.md(_per_class_markdown(evaluation.per_class_records())),
+                "confusion_matrix": _png_markdown(confusion_png, "confusion matrix"),
+                "reliability_diagram": _png_markdown(reliability_png, "reliability diagram"),
+                "card": dg.MetadataValue.path(lake.uri(card.card_key)),
+            },
+            data_version=dg.DataVersion(card.model_version),
+        )
+
+    @dg.asset(
+        name=f"{task_name}_champion",
+        ins={"candidate": dg.AssetIn(key=f"{task_name}_model")},
+        group_name="models",
+        kinds={"duckdb"},
+        owners=["team:ml"],
+        tags=tags,
+        pool=DUCKDB_WRITER_POOL,
+        description=(
+            "The promotion gate: the candidate replaces the task's champion only if it beats it on the same "
+            "test split by the configured margins and passes the floors; every decision is recorded in "
+            "`model_promotions`. Its value is the champion's model version, which predictions use."
+        ),
+    )
+    def champion(
+        context: dg.AssetExecutionContext, config: PromotionConfig, candidate, warehouse: WarehouseResource
+    ) -> dg.Output[str]:
+        from hema_pipeline.modeling.registry import PromotionPolicy, current_champion, decide_promotion
+
+        policy = PromotionPolicy(
+            min_accuracy_gain=config.min_accuracy_gain,
+            min_macro_f1_gain=config.min_macro_f1_gain,
+            min_accuracy=config.min_accuracy,
+            min_macro_f1=config.min_macro_f1,
+            max_ece_after=config.max_ece_after,
+        )
+        store = warehouse.warehouse()
+        decision = decide_promotion(store, task_name, candidate.model_version, policy)
+        champion_version = current_champion(store, task_name)
+        context.log.info(f"{task_name}: {decision.action} {candidate.model_version}: {decision.reason}")
+        return dg.Output(
+            champion_version,
+            metadata={
+                "champion": champion_version,
+                "candidate": candidate.model_version,
+                "decision": decision.action,
+                "reason": decision.reason,
+                "previous_champion": decision.previous_champion or "none",
+                "policy": dg.MetadataValue.json(policy.to_dict()),
+            },
+            data_version=dg.DataVersion(champion_version or "none"),
+        )
+
+    return [trained_model, calibration, registered_model, champion]
+
+
+model_assets = [asset for name in TASKS for asset in build_model_assets(name)]

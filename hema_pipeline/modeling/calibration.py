@@ -1,0 +1,663 @@
+"""Calibration, referral and out-of-distribution (OOD) scoring: NumPy maths on logits and features.
+
+- **Temperature scaling** (Guo et al. 2017): one scalar T fitted on the calibration split by minimising
+  the negative log-likelihood. The NLL is convex in the inverse temperature 1/T, so a safeguarded
+  Newton iteration finds the optimum to machine precision (no SciPy needed).
+- **ECE / MCE** over equal-width confidence bins (default 15, as Guo et al.).
+- **Referral policy**: per predicted class, the smallest calibrated-confidence threshold at which the
+  accepted calibration cells reach a target accuracy (default 99.5%); everything below is referred to
+  a technologist.
+- **OOD ("unfamiliar") scores**: the energy score ``-T * logsumexp(logits / T)`` (Liu et al. 2020) and
+  the Mahalanobis distance to the nearest class mean in the penultimate feature space (Lee et al.
+  2018). Higher means more unfamiliar for both. The threshold keeps a chosen share of known cells.
+
+The thesis's rule "top probability <= 0.5 -> other" caught only 0-3.5% of unseen abnormal cells; the
+leave-one-class-out report here measures what these scores catch instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+# --------------------------------------------------------------------------------------------------
+# Softmax maths
+
+
+def logsumexp(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    peak = values.max(axis=axis, keepdims=True)
+    return (peak + np.log(np.exp(values - peak).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits - logsumexp(logits, axis=1)[:, None]
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    log_probabilities = log_softmax(np.asarray(logits, dtype=np.float64) / temperature)
+    return float(-log_probabilities[np.arange(len(labels)), labels].mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Temperature scaling
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    temperature: float
+    nll_before: float  # at T = 1, on the fitting data
+    nll_after: float
+    at_bound: bool  # the optimum lies at (or beyond) the search bound: the model is degenerate here
+    iterations: int
+    note: str = ""
+
+
+def fit_temperature(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    min_temperature: float = 0.05,
+    max_temperature: float = 20.0,
+    tolerance: float = 1e-12,
+    max_iterations: int = 200,
+) -> TemperatureFit:
+    """The T in ``[min_temperature, max_temperature]`` minimising the mean NLL of ``softmax(logits/T)``.
+
+    With b = 1/T, NLL(b) = mean(logsumexp(b z) - b z_y) is convex; its derivative mean(E_p[z] - z_y)
+    is non-decreasing and its second derivative is mean(Var_p[z]) >= 0. Newton steps on b, kept inside a
+    shrinking bracket by bisection whenever a step would leave it, converge to the root of the
+    derivative in a handful of iterations."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need [n, k] logits and n labels, got {logits.shape} and {labels.shape}")
+    if not 0 < min_temperature < 1 < max_temperature:
+        raise ValueError("the search interval must contain T = 1")
+    true_logits = logits[np.arange(len(labels)), labels]
+    nll_before = negative_log_likelihood(logits, labels)
+
+    def slope_and_curvature(inverse_temperature: float) -> tuple[float, float]:
+        probabilities = softmax(logits * inverse_temperature)
+        expected = (probabilities * logits).sum(axis=1)
+        variance = (probabilities * (logits - expected[:, None]) ** 2).sum(axis=1)
+        return float((expected - true_logits).mean()), float(variance.mean())
+
+    low, high = 1.0 / max_temperature, 1.0 / min_temperature
+    slope_low, _ = slope_and_curvature(low)
+    slope_high, _ = slope_and_curvature(high)
+    _, curvature_at_one = slope_and_curvature(1.0)
+    if curvature_at_one == 0.0:
+        # Every cell has equal logits for all classes: the likelihood does not depend on T.
+        return TemperatureFit(1.0, nll_before, nll_before, False, 0, "logits constant per cell; T left at 1")
+    if slope_low >= 0:
+        return _bounded_fit(logits, labels, max_temperature, nll_before, "optimum at or above max_temperature")
+    if slope_high <= 0:
+        return _bounded_fit(
+            logits, labels, min_temperature, nll_before, "optimum at or below min_temperature (separable data)"
+        )
+
+    inverse_temperature = 1.0 if low < 1.0 < high else (low + high) / 2
+    iterations = 0
+    for iterations in range(1, max_iterations + 1):
+        slope, curvature = slope_and_curvature(inverse_temperature)
+        if slope > 0:
+            high = inverse_temperature
+        else:
+            low = inverse_temperature
+        step = slope / curvature if curvature > 0 else math.inf
+        candidate = inverse_temperature - step
+        if not low < candidate < high:
+            candidate = (low + high) / 2
+        converged = abs(candidate - inverse_temperature) <= tolerance * max(1.0, inverse_temperature)
+        inverse_temperature = candidate
+        if converged or high - low <= tolerance * max(1.0, inverse_temperature):
+            break
+    temperature = 1.0 / inverse_temperature
+    return TemperatureFit(
+        temperature=temperature,
+        nll_before=nll_before,
+        nll_after=negative_log_likelihood(logits, labels, temperature),
+        at_bound=False,
+        iterations=iterations,
+    )
+
+
+def _bounded_fit(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, nll_before: float, note: str
+) -> TemperatureFit:
+    return TemperatureFit(
+        temperature=temperature,
+        nll_before=nll_before,
+        nll_after=negative_log_likelihood(logits, labels, temperature),
+        at_bound=True,
+        iterations=0,
+        note=note,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Expected and maximum calibration error
+
+
+@dataclass(frozen=True)
+class CalibrationErrors:
+    ece: float  # sum over bins of |B|/n * |accuracy(B) - confidence(B)|
+    mce: float  # max over non-empty bins of |accuracy(B) - confidence(B)|
+    bin_edges: np.ndarray  # n_bins + 1 edges; bin m is (edge[m], edge[m+1]], the first also holds 0
+    bin_counts: np.ndarray
+    bin_confidence: np.ndarray  # mean confidence per bin, NaN where empty
+    bin_accuracy: np.ndarray  # NaN where empty
+
+
+def calibration_errors_from_confidence(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15
+) -> CalibrationErrors:
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=bool).reshape(-1)
+    if len(confidence) != len(correct) or len(confidence) == 0:
+        raise ValueError("need as many correctness flags as confidences, and at least one")
+    if n_bins < 1:
+        raise ValueError("n_bins must be positive")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Right-closed bins (m/M, (m+1)/M], as in Guo et al.; a confidence of exactly 0 joins the first bin.
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    confidence_sums = np.bincount(bins, weights=confidence, minlength=n_bins)
+    correct_sums = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins)
+    filled = counts > 0
+    bin_confidence = np.full(n_bins, np.nan)
+    bin_accuracy = np.full(n_bins, np.nan)
+    bin_confidence[filled] = confidence_sums[filled] / counts[filled]
+    bin_accuracy[filled] = correct_sums[filled] / counts[filled]
+    gaps = np.abs(bin_accuracy[filled] - bin_confidence[filled])
+    return CalibrationErrors(
+        ece=float((counts[filled] / len(confidence) * gaps).sum()),
+        mce=float(gaps.max()),
+        bin_edges=edges,
+        bin_counts=counts,
+        bin_confidence=bin_confidence,
+        bin_accuracy=bin_accuracy,
+    )
+
+
+def calibration_errors(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> CalibrationErrors:
+    """ECE and MCE of the top-class confidence of ``probabilities`` ``[n, k]``."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    return calibration_errors_from_confidence(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels, n_bins)
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    temperature: float
+    before: CalibrationErrors  # at T = 1
+    after: CalibrationErrors  # at the fitted temperature
+    nll_before: float
+    nll_after: float
+    cells: int
+
+    def headline(self) -> dict[str, float | int]:
+        return {
+            "temperature": self.temperature,
+            "ece_before": self.before.ece,
+            "ece_after": self.after.ece,
+            "mce_before": self.before.mce,
+            "mce_after": self.after.mce,
+            "nll_before": self.nll_before,
+            "nll_after": self.nll_after,
+            "calibration_report_cells": self.cells,
+        }
+
+
+def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: float, n_bins: int = 15) -> CalibrationReport:
+    """Calibration before and after ``temperature`` on a split the temperature was NOT fitted on (the
+    test split): measured on the calibration split itself, "after" would be optimistic."""
+    return CalibrationReport(
+        temperature=float(temperature),
+        before=calibration_errors(softmax(logits), labels, n_bins),
+        after=calibration_errors(softmax(logits, temperature), labels, n_bins),
+        nll_before=negative_log_likelihood(logits, labels),
+        nll_after=negative_log_likelihood(logits, labels, temperature),
+        cells=int(len(np.asarray(labels).reshape(-1))),
+    )
+
+
+def reliability_diagram_png(report: CalibrationReport) -> bytes:
+    """Accuracy against confidence per bin, before and after temperature scaling; PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=100, sharey=True)
+    try:
+        panels = (
+            ("uncalibrated (T = 1)", report.before),
+            (f"temperature-scaled (T = {report.temperature:.3f})", report.after),
+        )
+        for axis, (title, errors) in zip(axes, panels, strict=True):
+            edges = errors.bin_edges
+            width = edges[1] - edges[0]
+            centres = edges[:-1] + width / 2
+            filled = errors.bin_counts > 0
+            axis.bar(centres[filled], errors.bin_accuracy[filled], width=width, edgecolor="black", linewidth=0.5,
+                     color="tab:blue", label="accuracy")
+            # The gap to the diagonal, drawn from the bin's mean confidence: what the ECE sums.
+            axis.bar(centres[filled], errors.bin_confidence[filled] - errors.bin_accuracy[filled],
+                     bottom=errors.bin_accuracy[filled], width=width, color="tab:red", alpha=0.35,
+                     edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+            axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+            axis.set_xlim(0, 1)
+            axis.set_ylim(0, 1)
+            axis.set_xlabel("confidence (top-class probability)")
+            axis.set_title(f"{title}\nECE {errors.ece:.2%}, MCE {errors.mce:.2%}")
+            axis.legend(loc="upper left")
+        axes[0].set_ylabel("accuracy")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------------
+# Referral policy
+
+
+REFER_ALL = math.inf  # a threshold no confidence reaches: every cell predicted as the class is referred
+
+
+@dataclass(frozen=True)
+class ReferralPolicy:
+    """Accept a cell iff its calibrated top-class probability >= the threshold of its predicted class."""
+
+    class_names: tuple[str, ...]
+    thresholds: tuple[float, ...]  # per predicted class; REFER_ALL where the target is unreachable
+    sources: tuple[str, ...]  # per class: "class", "global fallback" or "refer all", with the reason
+    global_threshold: float
+    target_accuracy: float
+    min_cells_per_class: int
+    calibration_cells: int
+
+    def threshold_for(self, class_name: str) -> float:
+        return self.thresholds[self.class_names.index(class_name)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: an unreachable threshold is written as null (JSON has no infinity)."""
+
+        def finite_or_none(value: float) -> float | None:
+            return None if math.isinf(value) else float(value)
+
+        return {
+            "class_names": list(self.class_names),
+            "thresholds": [finite_or_none(value) for value in self.thresholds],
+            "sources": list(self.sources),
+            "global_threshold": finite_or_none(self.global_threshold),
+            "target_accuracy": self.target_accuracy,
+            "min_cells_per_class": self.min_cells_per_class,
+            "calibration_cells": self.calibration_cells,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ReferralPolicy:
+        def finite_or_refer_all(value: float | None) -> float:
+            return REFER_ALL if value is None else float(value)
+
+        return cls(
+            class_names=tuple(values["class_names"]),
+            thresholds=tuple(finite_or_refer_all(value) for value in values["thresholds"]),
+            sources=tuple(values["sources"]),
+            global_threshold=finite_or_refer_all(values["global_threshold"]),
+            target_accuracy=float(values["target_accuracy"]),
+            min_cells_per_class=int(values["min_cells_per_class"]),
+            calibration_cells=int(values["calibration_cells"]),
+        )
+
+
+def smallest_threshold_reaching(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> float:
+    """The smallest t such that the cells with ``confidence >= t`` have accuracy >= ``target_accuracy``;
+    ``REFER_ALL`` if no t achieves it. Only the observed confidences are candidate thresholds, and tied
+    confidences are accepted or refused together."""
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=bool).reshape(-1)
+    if len(confidence) == 0:
+        return REFER_ALL
+    order = np.argsort(-confidence, kind="stable")
+    descending = confidence[order]
+    accepted_correct = np.cumsum(correct[order])
+    accepted = np.arange(1, len(descending) + 1)
+    # A cut is valid only after the last of a run of tied confidences.
+    group_ends = np.r_[descending[1:] != descending[:-1], True]
+    reaching = group_ends & (accepted_correct >= target_accuracy * accepted - 1e-12)
+    if not reaching.any():
+        return REFER_ALL
+    return float(descending[np.flatnonzero(reaching)[-1]])
+
+
+def fit_referral_policy(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    target_accuracy: float = 0.995,
+    min_cells_per_class: int = 50,
+) -> ReferralPolicy:
+    """Thresholds on calibrated probabilities of the calibration split.
+
+    A class predicted for fewer than ``min_cells_per_class`` calibration cells cannot have its own
+    threshold estimated reliably; it gets the global threshold (fitted on all cells together), raised to
+    its own where its few cells already miss the target at the global threshold: the fallback may
+    tighten a rare class's threshold, never loosen it below what its own cells show."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if probabilities.ndim != 2 or probabilities.shape[1] != len(class_names) or len(probabilities) != len(labels):
+        raise ValueError("probabilities must be [n, classes] with one label per row")
+    if not 0 < target_accuracy <= 1:
+        raise ValueError("target_accuracy must be in (0, 1]")
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    correct = predicted == labels
+    global_threshold = smallest_threshold_reaching(confidence, correct, target_accuracy)
+    thresholds: list[float] = []
+    sources: list[str] = []
+    for index, name in enumerate(class_names):
+        mask = predicted == index
+        cells = int(mask.sum())
+        own = smallest_threshold_reaching(confidence[mask], correct[mask], target_accuracy)
+        if cells >= min_cells_per_class:
+            threshold = own
+            source = "class"
+            if math.isinf(own):
+                source = f"refer all: no threshold reaches {target_accuracy:.1%} on {cells} cells"
+        else:
+            threshold = global_threshold
+            source = f"global fallback: only {cells} calibration cells predicted as {name} (< {min_cells_per_class})"
+            accepted = mask & (confidence >= global_threshold)
+            if accepted.any() and correct[accepted].mean() < target_accuracy:
+                # Too few cells to estimate a threshold, but enough to show the global one is too lax.
+                threshold = max(own, global_threshold)
+                source += f"; raised because its own cells miss {target_accuracy:.1%} at the global threshold"
+            if math.isinf(threshold):
+                source += "; refer all"
+        thresholds.append(threshold)
+        sources.append(source)
+    return ReferralPolicy(
+        class_names=tuple(class_names),
+        thresholds=tuple(thresholds),
+        sources=tuple(sources),
+        global_threshold=global_threshold,
+        target_accuracy=target_accuracy,
+        min_cells_per_class=min_cells_per_class,
+        calibration_cells=int(len(labels)),
+    )
+
+
+def accepted_by_policy(policy: ReferralPolicy, probabilities: np.ndarray) -> np.ndarray:
+    """Boolean mask of cells the policy accepts (the rest are referred)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    thresholds = np.asarray(policy.thresholds, dtype=np.float64)
+    return probabilities.max(axis=1) >= thresholds[probabilities.argmax(axis=1)]
+
+
+@dataclass(frozen=True)
+class ReferralOutcome:
+    cells: int
+    accepted: int
+    coverage: float  # share of cells accepted
+    accepted_accuracy: float  # NaN when nothing is accepted
+    per_class: pd.DataFrame  # by predicted class: cells, accepted, coverage, accepted_accuracy
+
+    def headline(self) -> dict[str, float | int]:
+        return {
+            "referral_cells": self.cells,
+            "referral_accepted": self.accepted,
+            "referral_coverage": self.coverage,
+            "referral_accepted_accuracy": self.accepted_accuracy,
+        }
+
+
+def evaluate_referral(policy: ReferralPolicy, probabilities: np.ndarray, labels: np.ndarray) -> ReferralOutcome:
+    """Coverage and accepted-cell accuracy of ``policy`` on a split it was not fitted on."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    accepted = accepted_by_policy(policy, probabilities)
+    predicted = probabilities.argmax(axis=1)
+    correct = predicted == labels
+    rows = []
+    for index, name in enumerate(policy.class_names):
+        mask = predicted == index
+        taken = accepted & mask
+        rows.append(
+            {
+                "predicted_class": name,
+                "threshold": policy.thresholds[index],
+                "cells": int(mask.sum()),
+                "accepted": int(taken.sum()),
+                "coverage": float(taken.sum() / mask.sum()) if mask.any() else math.nan,
+                "accepted_accuracy": float(correct[taken].mean()) if taken.any() else math.nan,
+            }
+        )
+    return ReferralOutcome(
+        cells=int(len(labels)),
+        accepted=int(accepted.sum()),
+        coverage=float(accepted.mean()) if len(labels) else math.nan,
+        accepted_accuracy=float(correct[accepted].mean()) if accepted.any() else math.nan,
+        per_class=pd.DataFrame(rows),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# OOD scores
+
+
+OodMethod = Literal["energy", "mahalanobis"]
+
+
+def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``-T * logsumexp(logits / T)`` per cell: low for cells like the training data, higher for
+    unfamiliar ones (its negative is proportional to the log of the model's unnormalised density)."""
+    return -temperature * logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+@dataclass
+class MahalanobisScorer:
+    """Squared Mahalanobis distance to the nearest class mean under one shared (tied) covariance,
+    estimated with Ledoit-Wolf shrinkage: penultimate features have hundreds of dimensions and some are
+    nearly constant (dead ReLUs), so the plain sample covariance is singular or ill-conditioned."""
+
+    class_means: np.ndarray  # [k, d]
+    precision: np.ndarray  # [d, d], inverse of the shrunk covariance
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int) -> MahalanobisScorer:
+        from sklearn.covariance import LedoitWolf
+
+        features = np.asarray(features, dtype=np.float64)
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        if features.ndim != 2 or len(features) != len(labels):
+            raise ValueError("need [n, d] features and n labels")
+        present = np.unique(labels)
+        if len(present) < 2:
+            raise ValueError("need training features of at least two classes")
+        means = np.full((num_classes, features.shape[1]), np.nan)
+        centred = np.empty_like(features)
+        for index in present:
+            mask = labels == index
+            means[index] = features[mask].mean(axis=0)
+            centred[mask] = features[mask] - means[index]
+        estimate = LedoitWolf(assume_centered=True).fit(centred)
+        return cls(class_means=means, precision=estimate.precision_)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float64)
+        means = self.class_means[~np.isnan(self.class_means).any(axis=1)]  # classes seen in training
+        projected = features @ self.precision
+        distances = (
+            (projected * features).sum(axis=1)[:, None]
+            - 2.0 * projected @ means.T
+            + ((means @ self.precision) * means).sum(axis=1)[None, :]
+        )
+        return np.maximum(distances.min(axis=1), 0.0)  # rounding can dip a true 0 below it
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, class_means=self.class_means, precision=self.precision)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MahalanobisScorer:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return cls(class_means=arrays["class_means"], precision=arrays["precision"])
+
+
+@dataclass(frozen=True)
+class OodThreshold:
+    """Cells scoring above ``threshold`` are referred as unfamiliar."""
+
+    method: OodMethod
+    threshold: float
+    keep_quantile: float  # share of known calibration cells kept (not referred)
+    calibration_cells: int
+    energy_temperature: float = 1.0  # energy only
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "threshold": self.threshold,
+            "keep_quantile": self.keep_quantile,
+            "calibration_cells": self.calibration_cells,
+            "energy_temperature": self.energy_temperature,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> OodThreshold:
+        return cls(
+            method=values["method"],
+            threshold=float(values["threshold"]),
+            keep_quantile=float(values["keep_quantile"]),
+            calibration_cells=int(values["calibration_cells"]),
+            energy_temperature=float(values.get("energy_temperature", 1.0)),
+        )
+
+
+def fit_ood_threshold(
+    known_scores: np.ndarray,
+    method: OodMethod,
+    keep_quantile: float = 0.95,
+    energy_temperature: float = 1.0,
+) -> OodThreshold:
+    """The threshold keeping at least ``keep_quantile`` of the known (in-distribution) calibration cells:
+    the empirical quantile taken at an observed score ("higher"), so the kept share never falls short."""
+    known_scores = np.asarray(known_scores, dtype=np.float64).reshape(-1)
+    if len(known_scores) == 0:
+        raise ValueError("no calibration scores")
+    if not 0 < keep_quantile <= 1:
+        raise ValueError("keep_quantile must be in (0, 1]")
+    return OodThreshold(
+        method=method,
+        threshold=float(np.quantile(known_scores, keep_quantile, method="higher")),
+        keep_quantile=keep_quantile,
+        calibration_cells=len(known_scores),
+        energy_temperature=energy_temperature,
+    )
+
+
+def is_unfamiliar(scores: np.ndarray, threshold: OodThreshold) -> np.ndarray:
+    return np.asarray(scores, dtype=np.float64) > threshold.threshold
+
+
+def leave_one_class_out_report(
+    known_scores: np.ndarray,
+    held_out_scores: Mapping[str, np.ndarray],
+    threshold: OodThreshold,
+) -> pd.DataFrame:
+    """Share of cells referred as unfamiliar: for known cells (the false-referral rate) and for each
+    held-out class (the detection rate), with the held-out class's ROC AUC against known cells (how
+    well the score separates them at any threshold).
+
+    Scores come from a model trained without the held-out class, on cells it never saw; running those
+    trainings is the caller's job."""
+    from sklearn.metrics import roc_auc_score
+
+    known_scores = np.asarray(known_scores, dtype=np.float64).reshape(-1)
+    rows = [
+        {
+            "group": "known",
+            "held_out": False,
+            "cells": len(known_scores),
+            "referred": int(is_unfamiliar(known_scores, threshold).sum()),
+            "referred_share": float(is_unfamiliar(known_scores, threshold).mean()) if len(known_scores) else math.nan,
+            "roc_auc_vs_known": math.nan,
+        }
+    ]
+    for name, scores in held_out_scores.items():
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        referred = is_unfamiliar(scores, threshold)
+        auc = math.nan
+        if len(scores) and len(known_scores):
+            truth = np.r_[np.zeros(len(known_scores)), np.ones(len(scores))]
+            auc = float(roc_auc_score(truth, np.r_[known_scores, scores]))
+        rows.append(
+            {
+                "group": name,
+                "held_out": True,
+                "cells": len(scores),
+                "referred": int(referred.sum()),
+                "referred_share": float(referred.mean()) if len(scores) else math.nan,
+                "roc_auc_vs_known": auc,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-cell decision
+
+
+ACCEPTED = "accepted"
+LOW_CONFIDENCE = "low_confidence"
+UNFAMILIAR = "unfamiliar"
+
+
+@dataclass(frozen=True)
+class CellTriage:
+    decisions: np.ndarray  # per cell: ACCEPTED, LOW_CONFIDENCE or UNFAMILIAR
+    predicted: np.ndarray  # class index
+    confidence: np.ndarray  # calibrated top-class probability
+    ood_scores: np.ndarray | None = field(default=None)
+
+
+def triage_cells(
+    logits: np.ndarray,
+    temperature: float,
+    policy: ReferralPolicy,
+    ood_scores: np.ndarray | None = None,
+    ood_threshold: OodThreshold | None = None,
+) -> CellTriage:
+    """Unfamiliar wins over low confidence: a cell unlike anything in training is flagged as such even
+    when the model is confident about it (confident errors on unseen cell types are the failure the
+    thesis saw: 67% of unseen abnormal cells were called monocytes)."""
+    probabilities = softmax(logits, temperature)
+    decisions = np.where(accepted_by_policy(policy, probabilities), ACCEPTED, LOW_CONFIDENCE).astype(object)
+    if (ood_scores is None) != (ood_threshold is None):
+        raise ValueError("give both ood_scores and ood_threshold, or neither")
+    if ood_scores is not None and ood_threshold is not None:
+        decisions[is_unfamiliar(ood_scores, ood_threshold)] = UNFAMILIAR
+    return CellTriage(
+        decisions=decisions.astype(str),
+        predicted=probabilities.argmax(axis=1),
+        confidence=probabilities.max(axis=1),
+        ood_scores=None if ood_scores is None else np.asarray(ood_scores, dtype=np.float64),
+    )

@@ -1,0 +1,281 @@
+"""Networks and training on the CPU, and the whole modelling chain on a tiny learnable task:
+train -> calibrate -> referral and OOD thresholds -> card -> registry -> champion -> reload."""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from hema_pipeline.modeling.calibration import (
+    MahalanobisScorer,
+    calibration_report,
+    energy_score,
+    evaluate_referral,
+    fit_ood_threshold,
+    fit_referral_policy,
+    fit_temperature,
+    softmax,
+    triage_cells,
+)
+from hema_pipeline.modeling.evaluation import evaluate_logits
+from hema_pipeline.modeling.networks import (
+    FEATURES_LAYER,
+    LAST_CONV_LAYER,
+    LOGITS_LAYER,
+    ArchitectureConfig,
+    architecture_preset,
+    build_model,
+    large,
+    predict_outputs,
+)
+from hema_pipeline.modeling.registry import (
+    MAHALANOBIS_ATTACHMENT,
+    decide_promotion,
+    draft_model_card,
+    load_model,
+    model_from_bytes,
+    model_to_bytes,
+    read_attachment,
+    register_model,
+)
+from hema_pipeline.modeling.training import (
+    CHECKPOINT_FILE_NAME,
+    TrainingConfig,
+    TrainingResult,
+    augment_batch,
+    balanced_class_weights,
+    cosine_learning_rate,
+    train_model,
+    training_curves_png,
+)
+from hema_pipeline.storage.object_store import LocalObjectStore
+from hema_pipeline.storage.warehouse import Warehouse
+
+CLASSES = ["dark", "bright"]
+SIZE = 16
+TINY = ArchitectureConfig(name="tiny", family="compact_cnn", input_size=SIZE, widths=(4, 8), dense_units=8)
+TINY_TRAINING = TrainingConfig(
+    epochs=8, batch_size=16, learning_rate=1e-2, warmup_epochs=1, early_stopping_patience=3, monitor="val_loss"
+)
+
+
+def squares(cells: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dark (class 0) or bright (class 1) noisy squares in uint8 range: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, cells)
+    base = np.where(labels[:, None, None, None] == 1, 190.0, 60.0)
+    images = np.clip(base + rng.normal(0, 30, (cells, SIZE, SIZE, 3)), 0, 255).astype(np.float32)
+    return images, labels
+
+
+def dataset(images: np.ndarray, labels: np.ndarray, batch: int = 16) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainingResult:
+    train, validation = squares(128, seed=1), squares(64, seed=2)
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    return train_model(TINY, TINY_TRAINING, dataset(*train), dataset(*validation), CLASSES, checkpoints)
+
+
+@pytest.mark.parametrize(
+    ("preset", "min_parameters", "max_parameters"),
+    [("compact", 50_000, 120_000), ("standard", 500_000, 2_000_000)],
+)
+def test_presets_expose_logits_features_and_last_conv(preset, min_parameters, max_parameters):
+    arch = architecture_preset(preset)
+    model = build_model(arch, num_classes=8)
+    assert min_parameters <= model.count_params() <= max_parameters
+    assert model.input_shape == (None, arch.input_size, arch.input_size, 3)
+    logits_layer = model.get_layer(LOGITS_LAYER)
+    assert logits_layer.activation is keras.activations.linear  # logits, not probabilities
+    assert model.output_shape == (None, 8)
+    assert len(model.get_layer(LAST_CONV_LAYER).output.shape) == 4  # a spatial map for Grad-CAM
+    assert len(model.get_layer(FEATURES_LAYER).output.shape) == 2
+    assert ArchitectureConfig.from_dict(arch.to_dict()) == arch
+
+
+@pytest.mark.parametrize("backbone", ["efficientnetv2b0", "resnet50"])
+def test_large_backbones_build_under_mixed_precision_with_float32_logits(backbone):
+    model = build_model(large(backbone=backbone), num_classes=8, mixed_precision=True)
+    assert model.get_layer(LOGITS_LAYER).dtype_policy.compute_dtype == "float32"
+    assert model.get_layer(LAST_CONV_LAYER).dtype_policy.compute_dtype == "float16"
+    assert model.output.dtype == "float32"
+    assert model.get_layer(LAST_CONV_LAYER).output.shape[1:3] == (7, 7)
+    # Building under mixed precision must not leave float16 as the process-wide default.
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_architecture_configs_reject_nonsense():
+    with pytest.raises(ValueError, match="backbone"):
+        ArchitectureConfig(name="x", family="keras_application", input_size=224, backbone="vgg16")
+    with pytest.raises(ValueError, match="below 2x2"):
+        ArchitectureConfig(name="x", family="compact_cnn", input_size=16, widths=(4, 8, 16, 32, 64))
+    with pytest.raises(ValueError, match="below 2x2"):
+        ArchitectureConfig(name="x", family="residual_separable", input_size=32, widths=(8, 16, 32, 64))
+    ArchitectureConfig(name="x", family="residual_separable", input_size=64, widths=(8, 16, 32, 64))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        architecture_preset("huge")
+
+
+def test_tiny_training_run_on_the_cpu(trained: TrainingResult):
+    assert trained.device == "CPU" and not trained.mixed_precision
+    assert trained.batch_size == TINY_TRAINING.batch_size
+    assert trained.best_val_accuracy >= 0.95
+    assert 1 <= trained.best_epoch <= trained.epochs_run <= TINY_TRAINING.epochs
+    assert trained.history["val_loss"][trained.best_epoch - 1] == min(trained.history["val_loss"])
+    assert len(trained.history["loss"]) == trained.epochs_run
+    assert trained.history["learning_rate"][0] == pytest.approx(1e-2)  # one warm-up epoch reaches the peak
+    assert trained.checkpoint_path.name == CHECKPOINT_FILE_NAME and trained.checkpoint_path.is_file()
+    assert trained.model.get_layer(LOGITS_LAYER).output.shape[-1] == 2
+    figure = Image.open(io.BytesIO(training_curves_png(trained.history, trained.best_epoch)))
+    assert figure.format == "PNG"
+
+
+def test_saved_model_reloads_with_identical_logits(trained: TrainingResult):
+    images, _ = squares(40, seed=3)
+    original = predict_outputs(trained.model, images)
+    artifact = model_to_bytes(trained.model)
+    with zipfile.ZipFile(io.BytesIO(artifact)) as archive:
+        weights_file = io.BytesIO(archive.read("model.weights.h5"))
+    with h5py.File(weights_file) as weights:
+        assert "optimizer" not in weights  # inference artefacts carry no optimiser state
+    reloaded = predict_outputs(model_from_bytes(artifact), images)
+    np.testing.assert_array_equal(reloaded.logits, original.logits)
+    np.testing.assert_array_equal(reloaded.features, original.features)
+    # The checkpoint holds the best epoch, which is also what training returned.
+    checkpoint = predict_outputs(keras.models.load_model(trained.checkpoint_path, compile=False), images)
+    np.testing.assert_allclose(checkpoint.logits, original.logits, atol=1e-6)
+
+
+def test_predictions_stay_aligned_with_labels_of_a_reshuffling_dataset(trained: TrainingResult):
+    images, labels = squares(64, seed=4)
+    shuffled = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(64, reshuffle_each_iteration=True)
+    outputs = predict_outputs(trained.model, shuffled, batch_size=8)
+    assert sorted(outputs.labels.tolist()) == sorted(labels.tolist())
+    in_order = predict_outputs(trained.model, images)
+    accuracy_in_order = (in_order.logits.argmax(axis=1) == labels).mean()
+    assert (outputs.logits.argmax(axis=1) == outputs.labels).mean() == pytest.approx(accuracy_in_order)
+    assert accuracy_in_order >= 0.95
+
+
+def test_mixed_precision_path_trains_with_float32_logits(tmp_path: Path):
+    """The GPU path's precision handling, exercised on the CPU (with the plateau schedule and class
+    weights, which the module's other training runs do not use)."""
+    config = TrainingConfig(epochs=2, batch_size=16, mixed_precision="on", augment=False, schedule="plateau")
+    unbatched = tf.data.Dataset.from_tensor_slices(squares(32, 5))
+    result = train_model(
+        TINY, config, unbatched, dataset(*squares(16, 6)), CLASSES, tmp_path, class_weights=balanced_class_weights([3, 1])
+    )
+    assert result.mixed_precision and result.device == "CPU" and result.epochs_run == 2
+    assert result.history["learning_rate"] == pytest.approx([config.learning_rate] * 2)
+    assert result.model.output.dtype == "float32"
+    assert result.model.get_layer(LAST_CONV_LAYER).dtype_policy.name == "mixed_float16"
+    assert math.isfinite(result.history["loss"][0])
+    images, _ = squares(8, seed=9)
+    reloaded = model_from_bytes(model_to_bytes(result.model))
+    assert reloaded.get_layer(LAST_CONV_LAYER).dtype_policy.name == "mixed_float16"
+    np.testing.assert_array_equal(predict_outputs(reloaded, images).logits, predict_outputs(result.model, images).logits)
+
+
+def test_inputs_that_cannot_be_right_are_rejected(tmp_path: Path):
+    images, labels = squares(32, seed=7)
+    config = TrainingConfig(epochs=1, batch_size=16)
+    with pytest.raises(ValueError, match="scaled to \\[0, 1\\]"):
+        train_model(TINY, config, dataset(images / 255.0, labels), dataset(images, labels), CLASSES, tmp_path)
+    with pytest.raises(ValueError, match="architecture takes"):
+        wrong_size = np.zeros((8, SIZE * 2, SIZE * 2, 3), np.float32) + 100
+        train_model(TINY, config, dataset(wrong_size, labels[:8]), dataset(images, labels), CLASSES, tmp_path)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="label outside class_names"):
+        train_model(TINY, config, dataset(images, labels + 1), dataset(images, labels), CLASSES, tmp_path)
+    with pytest.raises(ValueError, match="class weights"):
+        train_model(TINY, config, dataset(images, labels), dataset(images, labels), CLASSES, tmp_path, class_weights=[1.0])
+
+
+def test_class_weights_and_learning_rate_schedule():
+    assert balanced_class_weights([30, 10, 0]) == pytest.approx([40 / 90, 40 / 30, 0.0])
+    rates = [cosine_learning_rate(epoch, 10, 1e-3, 2, 0.01) for epoch in range(10)]
+    assert rates[:2] == pytest.approx([5e-4, 1e-3])  # warm-up
+    assert rates[2] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-5)  # cosine to the floor
+    assert all(later <= earlier for earlier, later in zip(rates[2:], rates[3:], strict=False))
+
+
+def test_augmentation_only_flips_and_transposes_without_colour_jitter():
+    rng = np.random.default_rng(8)
+    images = tf.constant(rng.uniform(0, 255, (32, 6, 6, 3)).astype(np.float32))
+    augmented = augment_batch(images, tf.constant(12345, tf.int64), 255.0, 0.0).numpy()
+    changed = 0
+    for original, result in zip(images.numpy(), augmented, strict=True):
+        variants = [np.rot90(original, turns, axes=(0, 1)) for turns in range(4)]
+        variants += [np.flip(variant, axis=1) for variant in variants]  # the 8 symmetries of a square
+        assert any(np.array_equal(result, variant) for variant in variants)
+        changed += not np.array_equal(result, original)
+    assert changed > 16  # 7 of 8 transforms change the image
+    jittered = augment_batch(images, tf.constant(1, tf.int64), 255.0, 0.2).numpy()
+    assert jittered.min() >= 0.0 and jittered.max() <= 255.0
+    np.testing.assert_array_equal(jittered, augment_batch(images, tf.constant(1, tf.int64), 255.0, 0.2).numpy())
+
+
+def test_the_whole_chain_from_training_to_a_reloaded_champion(trained: TrainingResult, tmp_path: Path):
+    model = trained.model
+    calibration, test = squares(96, seed=10), squares(96, seed=11)
+    train_outputs = predict_outputs(model, dataset(*squares(128, seed=1)))
+    calibration_outputs = predict_outputs(model, dataset(*calibration))
+    test_outputs = predict_outputs(model, dataset(*test))
+
+    temperature = fit_temperature(calibration_outputs.logits, calibration_outputs.labels).temperature
+    referral = fit_referral_policy(
+        softmax(calibration_outputs.logits, temperature), calibration_outputs.labels, CLASSES,
+        target_accuracy=0.99, min_cells_per_class=20,
+    )
+    scorer = MahalanobisScorer.fit(train_outputs.features, train_outputs.labels, num_classes=2)
+    ood = fit_ood_threshold(scorer.score(calibration_outputs.features), "mahalanobis", keep_quantile=0.95)
+    test_probabilities = softmax(test_outputs.logits, temperature)
+    card = draft_model_card(
+        task="brightness",
+        dataset_version="squares-v1",
+        arch=TINY,
+        training_config=TINY_TRAINING,
+        class_names=CLASSES,
+        training_seconds=trained.seconds,
+        training_device=trained.device,
+        test_evaluation=evaluate_logits(test_outputs.logits, test_outputs.labels, CLASSES, temperature),
+        test_calibration=calibration_report(test_outputs.logits, test_outputs.labels, temperature),
+        referral=referral,
+        test_referral=evaluate_referral(referral, test_probabilities, test_outputs.labels),
+        ood=ood,
+        training_details={"epochs_run": trained.epochs_run, "best_epoch": trained.best_epoch},
+    )
+    store, warehouse = LocalObjectStore(tmp_path / "lake"), Warehouse(tmp_path / "warehouse.duckdb")
+    card = register_model(store, warehouse, card, model_to_bytes(model), {MAHALANOBIS_ATTACHMENT: scorer.to_bytes()})
+    assert card.metrics["accuracy"] >= 0.95
+    assert decide_promotion(warehouse, "brightness", card.model_version).promoted
+
+    champion = load_model(store, warehouse, "brightness")  # no version: the champion
+    assert champion.card == card
+    reloaded = predict_outputs(champion.model, test[0])
+    np.testing.assert_array_equal(reloaded.logits, test_outputs.logits)
+
+    # What inference will do with the card: triage test cells, and flag images unlike any training cell.
+    restored_scorer = MahalanobisScorer.from_bytes(read_attachment(store, champion.card, MAHALANOBIS_ATTACHMENT))
+    triage = triage_cells(
+        reloaded.logits, champion.card.temperature, champion.card.referral_policy(),
+        restored_scorer.score(reloaded.features), champion.card.ood_settings(),
+    )
+    assert (triage.decisions == "accepted").mean() > 0.5
+    checkerboard = np.indices((SIZE, SIZE)).sum(axis=0) % 2 * 255.0
+    strange = np.repeat(np.stack([checkerboard, 255.0 - checkerboard], axis=0)[..., None], 3, axis=-1).astype(np.float32)
+    strange_scores = restored_scorer.score(predict_outputs(champion.model, strange).features)
+    known_scores = restored_scorer.score(reloaded.features)
+    assert strange_scores.min() > np.median(known_scores)
+    assert energy_score(reloaded.logits).shape == (96,)
