@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the main job end to end on the embedded default")
     demo.add_argument("--pbc", action="store_true", help="use the PBC images in HEMA_SHARED_DATA instead of synthetic smears")
-    demo.add_argument("--smears", type=int, default=8)
+    demo.add_argument("--smears", type=int, default=12)
     demo.add_argument("--cells", type=int, default=100, help="cells per smear")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo)

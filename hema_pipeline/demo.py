@@ -38,12 +38,24 @@ def fill_inbox(use_pbc: bool, smears: int, cells_per_smear: int, seed: int) -> s
 
     export = generate_export(
         inbox,
-        SyntheticExportSpec(smears=smears, cells_per_smear=cells_per_smear, seed=seed, dysplastic_smear_share=0.25, malignant_smear_share=0.25, verified_share=0.9),
+        SyntheticExportSpec(smears=smears, cells_per_smear=cells_per_smear, seed=seed, dysplastic_smear_share=0.4, malignant_smear_share=0.4, verified_share=0.9),
     )
     return f"{len(export.smears)} synthetic smears (fake patients)"
 
 
-def run_demo(use_pbc: bool, smears: int, cells_per_smear: int, seed: int) -> int:
+DEMO_TASKS = ("pbc8", "neutrophil_dysplasia", "lymphocyte_malignancy")
+
+
+def _demo_training_config(image_size: int, epochs: int) -> dict:
+    """Short training for the demo: the three tasks the smear predictions use, small images."""
+    ops: dict = {}
+    for task in DEMO_TASKS:
+        ops[f"{task}_dataset"] = {"config": {"image_size": image_size}}
+        ops[f"{task}_trained_model"] = {"config": {"epochs": epochs}}
+    return {"ops": ops, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def run_demo(use_pbc: bool, smears: int, cells_per_smear: int, seed: int, epochs: int = 8, image_size: int = 64) -> int:
     dagster_home = prepare_demo_environment()
     source_description = fill_inbox(use_pbc, smears, cells_per_smear, seed)
     print(f"export: {source_description} in {settings.inbox_url()}")
@@ -55,40 +67,77 @@ def run_demo(use_pbc: bool, smears: int, cells_per_smear: int, seed: int) -> int
 
     instance = dg.DagsterInstance.get()
     resources = defs.resources
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     key = resources["pseudonyms"].key()
     known = set(instance.get_dynamic_partitions(smear_partitions.name))
     new_partitions, requests, _ = plan_imports(resources["inbox"].inbox(), key, known)
     instance.add_dynamic_partitions(smear_partitions.name, new_partitions)
+
+    print("\n== 1/3 import and anonymise (one run per smear)")
     import_job = defs.resolve_job_def("import_smears")
     failed = 0
     for request in requests:
         result = import_job.execute_in_process(
-            instance=instance,
-            partition_key=request.partition_key,
-            tags={"hema/trigger": "demo"},
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            raise_on_error=False,
+            instance=instance, partition_key=request.partition_key, tags={"hema/trigger": "demo"}, run_config=quiet, raise_on_error=False
         )
         failed += 0 if result.success else 1
 
+    print("\n== 2/3 validate, build datasets, train, calibrate, register (short CPU training)")
+    training_selection = (
+        dg.AssetSelection.assets("cell_table", "smear_flag_thresholds")
+        | dg.AssetSelection.assets(*[f"{task}_{stage}" for task in DEMO_TASKS for stage in ("dataset", "trained_model", "calibration", "model", "champion")])
+    )
+    training = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=training_selection,
+        instance=instance,
+        resources=resources,
+        run_config=_demo_training_config(image_size, epochs),
+        tags={"hema/trigger": "demo"},
+        raise_on_error=False,
+    )
+    failed += 0 if training.success else 1
+
+    print("\n== 3/3 predict every smear and write its report")
+    predict_job = defs.resolve_job_def("predict_smears")
+    for partition in sorted(instance.get_dynamic_partitions(smear_partitions.name)):
+        result = predict_job.execute_in_process(
+            instance=instance, partition_key=partition, tags={"hema/trigger": "demo"}, run_config=quiet, raise_on_error=False
+        )
+        failed += 0 if result.success else 1
+
+    return _print_summary(dagster_home, failed)
+
+
+def _print_summary(dagster_home: Path, failed: int) -> int:
     from hema_pipeline.storage.warehouse import Warehouse
 
     warehouse = Warehouse(settings.warehouse_path())
     totals = warehouse.query(
         "select (select count(*) from smears) as smears, (select count(*) from cells) as cells, "
-        "(select count(*) from open_quarantine) as quarantined, (select count(*) from import_runs) as import_runs"
+        "(select count(*) from open_quarantine) as quarantined, (select count(*) from import_runs) as import_runs, "
+        "(select count(*) from models where status = 'champion') as champions, "
+        "(select count(*) from predictions) as predictions, (select count(*) from smear_reports) as reports"
     ).iloc[0]
     print()
     print("hema-pipeline demo")
     print(f"  smears imported : {int(totals.smears)}")
     print(f"  cells           : {int(totals.cells)}")
     print(f"  quarantined     : {int(totals.quarantined)}")
-    print(f"  import runs     : {int(totals.import_runs)} ({failed} failed)")
+    print(f"  import runs     : {int(totals.import_runs)}")
+    print(f"  champion models : {int(totals.champions)}")
+    print(f"  cell predictions: {int(totals.predictions)} in {int(totals.reports)} smear reports")
+    print(f"  failed runs     : {failed}")
     print(f"  warehouse       : {settings.warehouse_path()}")
     print(f"  images + parquet: {settings.lake_url()}")
+    report = warehouse.query("select smear_id, markdown from smear_reports order by created_at desc limit 1")
+    if not report.empty:
+        print()
+        print(report.markdown[0])
     print()
     print("Open the UI (runs and materialisations of this demo):")
     print(f"  DAGSTER_HOME={dagster_home} .venv/bin/dagster dev -w workspace.yaml   (or: make ui)")
-    print("Query with SQL:")
-    print('  .venv/bin/hema query "select verified_class, count(*) from cells group by 1 order by 2 desc"')
+    print("Query with SQL (or the duckdb CLI on the warehouse file, -readonly):")
+    print('  .venv/bin/hema query "select * from differential_per_smear limit 20"')
+    print('  .venv/bin/hema query "select * from referral_queue limit 20"')
     return 1 if failed else 0

@@ -160,8 +160,9 @@ def build_dataset_checks(task_name: str) -> dg.AssetChecksDefinition:
                 asset=key,
                 blocking=True,
                 description=(
-                    "No two images in different splits have perceptual hashes (pHash, 64 bit) within the "
-                    "Hamming-distance threshold: a re-encoded or resized copy of a test cell must not sit in training."
+                    "No two images in different splits have perceptual hashes within the Hamming-distance "
+                    "threshold (pHash, 64 bit, confirmed by dHash): a re-encoded or resized copy of a test cell "
+                    "must not sit in training."
                 ),
             ),
         ],

@@ -415,3 +415,13 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
 
 
 model_assets = [asset for name in TASKS for asset in build_model_assets(name)]
+
+
+train_models_job = dg.define_asset_job(
+    "train_models",
+    selection=dg.AssetSelection.groups("quality", "datasets", "models") | dg.AssetSelection.assets("smear_flag_thresholds"),
+    description=(
+        "Snapshot and validate the cell table, rebuild every task's dataset, train, calibrate, register and "
+        "decide promotion. A task without enough data yields no dataset and no model."
+    ),
+)

@@ -812,9 +812,13 @@ def draw_cell(cell_class: str, rng: np.random.Generator, size: tuple[int, int] =
     patch = Image.new("RGBA", (_PATCH_SIZE, _PATCH_SIZE), (0, 0, 0, 0))
     painter(ImageDraw.Draw(patch), rng, _PATCH_SIZE / 2)
     patch = patch.rotate(float(rng.uniform(0, 360)), resample=Image.Resampling.BILINEAR)
+    # Cells of one class differ in size and roundness; without this, two small round cells drawn on
+    # similar fields come out closer than real distinct cells ever are (by perceptual hash).
+    stretched = (round(_PATCH_SIZE * rng.uniform(0.88, 1.12)), round(_PATCH_SIZE * rng.uniform(0.88, 1.12)))
+    patch = patch.resize(stretched, Image.Resampling.BILINEAR)
     # The analyser centres the cell it found, imperfectly.
     jitter_x, jitter_y = rng.normal(0.0, 8.0, 2).clip(-22, 22)
-    corner = (round((width - _PATCH_SIZE) / 2 + jitter_x), round((height - _PATCH_SIZE) / 2 + jitter_y))
+    corner = (round((width - patch.width) / 2 + jitter_x), round((height - patch.height) / 2 + jitter_y))
     field.paste(patch, corner, patch)
 
     # Focus differs from cell to cell. (A single box pass: a third of the cost of GaussianBlur, and the

@@ -147,10 +147,17 @@ def train_model(
     else:
         if class_weights is not None:
             raise ValueError("a training stream balances classes by sampling; class weights would count twice")
-        train_batches = train_ds.map(
-            lambda images, labels: (tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        def to_stream_targets(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            # As in _prepare_dataset: one_hot would silently turn an out-of-range label into zeros.
+            with tf.control_dependencies(
+                [
+                    tf.debugging.assert_non_negative(labels, message="negative label"),
+                    tf.debugging.assert_less(labels, num_classes, message="label outside class_names"),
+                ]
+            ):
+                return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
+
+        train_batches = train_ds.map(to_stream_targets, num_parallel_calls=tf.data.AUTOTUNE)
     val_batches = _prepare_dataset(val_ds, arch, config, num_classes, batch_size, None, training=False)
 
     model = build_model(arch, num_classes, mixed_precision=mixed_precision)

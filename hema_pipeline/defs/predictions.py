@@ -1,0 +1,154 @@
+"""Prediction stage, per smear partition: every cell classified by the champion models (8-class, then
+the routed specialists), with calibrated probabilities, referral decisions and Grad-CAMs, and the smear
+report (differential with exact intervals, flags). Thresholds are an asset of their own."""
+
+# No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
+import hashlib
+import json
+import uuid
+from dataclasses import asdict
+
+import dagster as dg
+
+from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL, imported_smear, smear_partitions
+from hema_pipeline.defs.resources import StorageResource, WarehouseResource
+
+PRIMARY_TASK = "pbc8"
+NEUTROPHIL_DYSPLASIA_TASK = "neutrophil_dysplasia"
+LYMPHOCYTE_MALIGNANCY_TASK = "lymphocyte_malignancy"
+PREDICTION_TASKS = (PRIMARY_TASK, NEUTROPHIL_DYSPLASIA_TASK, LYMPHOCYTE_MALIGNANCY_TASK)
+
+
+class FlagThresholdsConfig(dg.Config):
+    dysplasia_share_threshold: float = 0.123  # thesis ch. 5, from a smear-level ROC
+    max_referred_share: float = 0.10
+    min_counted_leukocytes: int = 100
+
+
+@dg.asset(
+    group_name="predictions",
+    kinds={"python"},
+    owners=["team:haematology"],
+    description=(
+        "The smear-level thresholds a haematologist's flags depend on (dysplastic-neutrophil share for "
+        "'review for myelodysplasia', referred share, minimum counted leukocytes), versioned so each "
+        "report records exactly which were used."
+    ),
+)
+def smear_flag_thresholds(config: FlagThresholdsConfig) -> dg.Output[dict]:
+    from hema_pipeline.inference.differential import FlagSettings
+
+    settings = FlagSettings(
+        dysplasia_share_threshold=config.dysplasia_share_threshold,
+        max_referred_share=config.max_referred_share,
+        min_counted_leukocytes=config.min_counted_leukocytes,
+    )
+    values = asdict(settings)
+    version = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return dg.Output(values, metadata={"thresholds": dg.MetadataValue.json(values), "version": version}, data_version=dg.DataVersion(version))
+
+
+def _champion_classifiers(storage: StorageResource, warehouse: WarehouseResource) -> dict:
+    from hema_pipeline.inference.predict import CellClassifier
+    from hema_pipeline.modeling.registry import current_champion, load_model
+
+    lake, store = storage.lake(), warehouse.warehouse()
+    classifiers = {}
+    for task in PREDICTION_TASKS:
+        if current_champion(store, task) is None:
+            continue
+        loaded = load_model(lake, store, task)
+        classifiers[task] = CellClassifier(loaded.model, loaded.card)
+    if PRIMARY_TASK not in classifiers:
+        raise dg.Failure(f"no champion model for {PRIMARY_TASK}: materialise the `models` group first")
+    return classifiers
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "smear_predictions",
+            deps=[imported_smear, smear_flag_thresholds, *[f"{task}_champion" for task in PREDICTION_TASKS]],
+            group_name="predictions",
+            kinds={"duckdb", "keras"},
+            owners=["team:haematology"],
+            description=(
+                "Every cell of the smear classified by the champion of pbc8; neutrophils routed to the "
+                "neutrophil-dysplasia champion and lymphocytes to the lymphocyte-malignancy champion where "
+                "those exist. Calibrated probabilities, accepted or referred (low confidence / unfamiliar), "
+                "Grad-CAM for referred cells; rows keyed by (smear, cell, model version), so re-runs and "
+                "new champions never duplicate and old predictions stay."
+            ),
+            automation_condition=dg.AutomationCondition.eager(),
+        ),
+        dg.AssetSpec(
+            "smear_report",
+            deps=["smear_predictions"],
+            group_name="predictions",
+            kinds={"duckdb", "markdown"},
+            owners=["team:haematology"],
+            description=(
+                "The smear's differential with 95% Clopper-Pearson intervals, reference-range marks, flags "
+                "(immature granulocytes, erythroblasts, suspected malignant lymphocytes, dysplasia share, "
+                "many referrals), analyser agreement and the models and thresholds used."
+            ),
+            automation_condition=dg.AutomationCondition.eager(),
+        ),
+    ],
+    ins={"flag_thresholds": dg.AssetIn(key=smear_flag_thresholds.key)},
+    partitions_def=smear_partitions,
+    pool=DUCKDB_WRITER_POOL,
+)
+def smear_predictions(
+    context: dg.AssetExecutionContext, flag_thresholds: dict, storage: StorageResource, warehouse: WarehouseResource
+):
+    from hema_pipeline.inference.differential import FlagSettings
+    from hema_pipeline.inference.report import ReportSettings
+    from hema_pipeline.inference.routing import thesis_routes
+    from hema_pipeline.inference.smear import infer_smear, load_smear_cells, save_smear_inference
+
+    smear_id = context.partition_key
+    classifiers = _champion_classifiers(storage, warehouse)
+    routes = tuple(
+        route for route in thesis_routes(PRIMARY_TASK, NEUTROPHIL_DYSPLASIA_TASK, LYMPHOCYTE_MALIGNANCY_TASK)
+        if route.to_task in classifiers
+    )
+    flag_settings = FlagSettings(**flag_thresholds)
+    store = warehouse.warehouse()
+    with store.connect(read_only=True) as connection:
+        cells = load_smear_cells(connection, smear_id)
+    if cells.empty:
+        raise dg.Failure(f"smear {smear_id} has no imported cells (quarantined whole?); nothing to predict")
+    inference = infer_smear(
+        smear_id, cells, storage.lake(), classifiers, PRIMARY_TASK, routes, settings=ReportSettings(flags=flag_settings)
+    )
+    with store.connect() as connection:
+        save_smear_inference(connection, inference, prediction_run_id=context.run_id or uuid.uuid4().hex)
+    predictions, report = inference.predictions, inference.report
+    referred = int((~predictions["accepted"]).sum())
+    yield dg.MaterializeResult(
+        asset_key="smear_predictions",
+        metadata={
+            "cells": int(cells.shape[0]),
+            "predictions": len(predictions),
+            "referred": referred,
+            "model_versions": dg.MetadataValue.json(report.model_versions),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="smear_report",
+        metadata={
+            "report_version": report.report_version,
+            "flags": dg.MetadataValue.json([flag.to_dict() for flag in report.flags]),
+            "referred_cells": report.referred_cells,
+            "report": dg.MetadataValue.md(report.markdown()),
+        },
+    )
+
+
+predict_smears_job = dg.define_asset_job(
+    "predict_smears",
+    selection=dg.AssetSelection.assets("smear_predictions", "smear_report"),
+    partitions_def=smear_partitions,
+    description="Classify one smear partition with the current champions and write its report.",
+)
