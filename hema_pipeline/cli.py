@@ -45,6 +45,35 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify(args: argparse.Namespace) -> int:
+    from hema_pipeline import settings
+    from hema_pipeline.inference.classify import classify_files, collect_image_files
+    from hema_pipeline.inference.predict import CellClassifier
+    from hema_pipeline.modeling.registry import load_model
+    from hema_pipeline.storage.object_store import open_object_store
+    from hema_pipeline.storage.warehouse import Warehouse
+
+    if not args.file and not args.directory:
+        print("hema classify: give -f FILE or -d DIRECTORY", file=sys.stderr)
+        return 2
+    paths = collect_image_files(args.file or (), args.directory or (), recursive=args.recursive)
+    if not paths:
+        print("hema classify: no image files found", file=sys.stderr)
+        return 2
+    lake = open_object_store(settings.lake_url(), endpoint_url=settings.s3_endpoint_url() or None)
+    try:
+        loaded = load_model(lake, Warehouse(args.warehouse or settings.warehouse_path()), args.task, args.model)
+    except (KeyError, LookupError, ValueError) as error:
+        print(f"hema classify: {error}", file=sys.stderr)
+        return 2
+    outcome = classify_files(paths, CellClassifier(loaded.model, loaded.card), args.output, progress=not args.quiet)
+    print(
+        f"classified {outcome.classified} of {len(paths)} images with {loaded.card.model_version} -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0 if outcome.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hema", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--malignant-share", type=float, default=0.0, help="share of smears with blasts")
     generate.add_argument("--verified-share", type=float, default=1.0, help="share of cells with a verified class")
     generate.set_defaults(handler=_generate)
+
+    classify = commands.add_parser("classify", help="classify cell images with a registered model, to CSV")
+    classify.add_argument("-f", "--file", action="append", help="an image file (repeatable)")
+    classify.add_argument("-d", "--directory", action="append", help="a folder of images (repeatable)")
+    classify.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of -d")
+    classify.add_argument("-o", "--output", required=True, help="CSV to write")
+    classify.add_argument("--task", default="pbc8", help="the task whose model classifies (default: pbc8)")
+    classify.add_argument("--model", help="a model version (default: the task's champion)")
+    classify.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+    classify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    classify.set_defaults(handler=_classify)
 
     query = commands.add_parser("query", help="run SQL against the warehouse (read-only)")
     query.add_argument("sql")

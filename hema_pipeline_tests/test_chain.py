@@ -1,0 +1,200 @@
+"""The whole chain through real Dagster materialisation on synthetic smears:
+import -> cell table (GX checks) -> datasets -> train -> calibrate -> register -> promotion gate ->
+per-smear predictions and reports -> SQL views and `hema classify`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import dagster as dg
+import pytest
+
+from hema_pipeline.defs.definitions import defs
+from hema_pipeline.defs.ingest import smear_partitions
+from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
+from hema_pipeline.storage.warehouse import Warehouse
+from hema_pipeline.taxonomy import CELL_CLASSES
+from hema_pipeline_tests.support import materialise_inbox
+
+pytestmark = pytest.mark.slow
+
+IMAGE_SIZE = 64
+TASKS = ("pbc8", "neutrophil_dysplasia")
+
+
+def _training_run_config(epochs: int, learning_rate: float = 2e-3, seed: int = 1, margin: float = 0.002) -> dict:
+    ops: dict = {}
+    for task in TASKS:
+        ops[f"{task}_dataset"] = {"config": {"image_size": IMAGE_SIZE, "min_cells_per_class": 8}}
+        ops[f"{task}_trained_model"] = {
+            "config": {
+                "architecture": "compact",
+                "epochs": epochs,
+                "learning_rate": learning_rate,
+                "seed": seed,
+                "early_stopping_patience": 12,
+            }
+        }
+        ops[f"{task}_champion"] = {"config": {"min_accuracy_gain": margin}}
+    return {"ops": ops}
+
+
+def _train(env, instance, **config) -> dg.ExecuteInProcessResult:
+    selection = dg.AssetSelection.assets("cell_table", "smear_flag_thresholds") | dg.AssetSelection.assets(
+        *[f"{task}_{stage}" for task in TASKS for stage in ("dataset", "trained_model", "calibration", "model", "champion")]
+    )
+    return dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=selection,
+        instance=instance,
+        resources=env.resources(),
+        run_config=_training_run_config(**config),
+    )
+
+
+def _decision(result: dg.ExecuteInProcessResult, task: str) -> str:
+    [materialisation] = result.asset_materializations_for_node(f"{task}_champion")
+    return materialisation.metadata["decision"].value
+
+
+def _predict(env, instance, partitions) -> None:
+    job = dg.Definitions(assets=defs.assets, jobs=defs.jobs, resources=env.resources()).resolve_job_def("predict_smears")
+    for partition in partitions:
+        assert job.execute_in_process(instance=instance, partition_key=partition).success
+
+
+@pytest.fixture
+def chain(pipeline_env, dagster_instance):
+    generate_export(
+        pipeline_env.inbox,
+        SyntheticExportSpec(smears=10, cells_per_smear=40, seed=51, class_mix={name: 1.0 for name in CELL_CLASSES}),
+    )
+    materialise_inbox(pipeline_env, dagster_instance)
+    return pipeline_env, dagster_instance
+
+
+def test_train_register_promote_predict_report(chain, tmp_path):
+    env, instance = chain
+    warehouse = Warehouse(env.warehouse)
+
+    # A crippled first model (a learning rate too small to learn) becomes champion: nothing to beat yet.
+    crippled = _train(env, instance, epochs=1, learning_rate=1e-7, seed=1)
+    assert _decision(crippled, "pbc8") == "promoted"
+    first_champion = crippled.asset_materializations_for_node("pbc8_champion")[0].metadata["champion"].value
+
+    # A properly trained challenger beats it on the same test split and is promoted.
+    trained = _train(env, instance, epochs=40, seed=2)
+    assert _decision(trained, "pbc8") == "promoted"
+    [model] = trained.asset_materializations_for_node("pbc8_model")
+    metadata = {key: value.value for key, value in model.metadata.items()}
+    assert metadata["accuracy"] > 0.5, "12 epochs on synthetic cells must beat chance (1/8) by far"
+    assert 0 <= metadata["ece_after"] <= 1 and metadata["temperature"] > 0
+    champion = trained.asset_materializations_for_node("pbc8_champion")[0].metadata["champion"].value
+    assert champion != first_champion
+
+    # A worse challenger (crippled again, another seed) is refused; the champion stays.
+    refused = _train(env, instance, epochs=1, learning_rate=1e-7, seed=3)
+    assert _decision(refused, "pbc8") == "refused"
+    assert refused.asset_materializations_for_node("pbc8_champion")[0].metadata["champion"].value == champion
+    promotions = warehouse.query("select action from model_promotions where task = 'pbc8' order by sequence")
+    assert promotions["action"].tolist() == ["promoted", "promoted", "refused"]
+
+    # Lineage in the warehouse: model -> dataset version -> the dataset's manifest.
+    models = warehouse.query("select model_version, dataset_version, status from models where task = 'pbc8'")
+    assert models["dataset_version"].nunique() == 1
+    assert set(models["status"]) >= {"champion"}
+    evaluations = warehouse.query("select * from model_evaluations where model_version = ?", [champion])
+    assert len(evaluations) == 8
+
+    # Predictions for every smear with the champion, and a report each.
+    partitions = sorted(instance.get_dynamic_partitions(smear_partitions.name))
+    _predict(env, instance, partitions)
+    predictions = warehouse.query("select * from predictions where task = 'pbc8'")
+    cells = warehouse.query("select count(*) as n from cells").n[0]
+    assert len(predictions) == cells
+    assert set(predictions["model_version"]) == {champion}
+    assert warehouse.query("select count(*) as n from smear_reports").n[0] == len(partitions)
+
+    # The SQL view gives the differential computed here by hand from the prediction rows.
+    smear = partitions[0]
+    rows = predictions[(predictions["smear_id"] == smear) & predictions["accepted"]]
+    by_hand = rows["predicted_class"].value_counts().to_dict()
+    view = warehouse.query(
+        "select cell_class, cells from differential_per_smear where smear_id = ? and task = 'pbc8' and cells > 0",
+        [smear],
+    )
+    assert dict(zip(view["cell_class"], view["cells"])) == by_hand
+
+    # Re-running predictions adds no rows; a new champion adds its own and keeps the old ones.
+    _predict(env, instance, partitions[:2])
+    assert warehouse.query("select count(*) as n from predictions where task = 'pbc8'").n[0] == cells
+    from hema_pipeline.modeling.registry import current_champion, rollback
+
+    rollback(warehouse, "pbc8", reason="test: champion change")
+    assert current_champion(warehouse, "pbc8") == first_champion
+    _predict(env, instance, partitions[:1])
+    again = warehouse.query("select model_version, count(*) as n from predictions where task = 'pbc8' group by 1")
+    counts = dict(zip(again["model_version"], again["n"]))
+    first_smear_cells = int((predictions["smear_id"] == partitions[0]).sum())
+    assert counts == {champion: cells, first_champion: first_smear_cells}
+
+    # `hema classify` on a folder with one corrupt file: a CSV row per readable image, exit code 1.
+    from hema_pipeline.cli import main
+
+    folder = tmp_path / "to_classify"
+    folder.mkdir()
+    for image in sorted((env.lake / "images").rglob("*.jpg"))[:5]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    output = tmp_path / "out.csv"
+    code = main(["classify", "-d", str(folder), "-o", str(output), "--task", "pbc8", "--warehouse", str(env.warehouse), "-q"])
+    assert code == 1
+    with output.open() as stream:
+        table = list(csv.DictReader(stream))
+    assert len(table) == 5 and "broken.jpg" not in {row["file"] for row in table}
+    assert {f"p_{name}" for name in ("neutrophil", "platelet")} <= set(table[0])
+    assert all(abs(sum(float(row[f"p_{name}"]) for name in ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte", "immature_granulocyte", "erythroblast", "platelet")) - 1) < 1e-4 for row in table)
+
+
+def test_blocking_check_stops_datasets_on_planted_bad_rows(chain):
+    env, instance = chain
+    import duckdb
+
+    with duckdb.connect(str(env.warehouse)) as connection:
+        connection.execute("update cells set verified_class = 'smudge_cell' where cell_id = 1")
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=dg.AssetSelection.assets("cell_table", "pbc8_dataset"),
+        instance=instance,
+        resources=env.resources(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    evaluations = {
+        event.event_specific_data.check_name: event.event_specific_data.passed
+        for event in result.all_events
+        if event.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert evaluations["labels_in_taxonomy"] is False
+    assert not result.asset_materializations_for_node("pbc8_dataset")
+
+
+def test_task_without_data_produces_no_model_and_does_not_fail(pipeline_env, dagster_instance):
+    healthy = {name: 1.0 for name in CELL_CLASSES if name not in ("malignant_lymphocyte", "hypogranulated_neutrophil")}
+    generate_export(pipeline_env.inbox, SyntheticExportSpec(smears=4, cells_per_smear=20, seed=52, class_mix=healthy))
+    materialise_inbox(pipeline_env, dagster_instance)
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=dg.AssetSelection.assets("cell_table", "lymphocyte_malignancy_dataset", "lymphocyte_malignancy_trained_model"),
+        instance=dagster_instance,
+        resources=pipeline_env.resources(),
+    )
+    assert result.success
+    assert not result.asset_materializations_for_node("lymphocyte_malignancy_dataset")
+    assert not result.asset_materializations_for_node("lymphocyte_malignancy_trained_model")
+    observations = [
+        event for event in result.all_events if event.event_type_value == "ASSET_OBSERVATION"
+    ]
+    reason = observations[0].event_specific_data.asset_observation.metadata["reason"].value
+    assert "malignant_lymphocyte" in reason and "no verified cells" in reason
