@@ -92,3 +92,23 @@ def test_definitions_load_with_sensor_schedule_and_job():
     assert repository.has_sensor_def("inbox_sensor")
     assert repository.has_schedule_def("nightly_import_schedule")
     assert repository.has_job("import_smears")
+
+
+def test_workspace_loads_in_the_dagster_cli(tmp_path):
+    """What `dagster dev` loads: workspace.yaml -> the code location, validated by Dagster itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "HEMA_DEMO": "1", "HEMA_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path)}
+    completed = subprocess.run(
+        [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=repo,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "All code locations passed validation" in completed.stderr + completed.stdout
