@@ -5,7 +5,6 @@ per-smear predictions and reports -> SQL views and `hema classify`."""
 from __future__ import annotations
 
 import csv
-import json
 
 import dagster as dg
 import pytest

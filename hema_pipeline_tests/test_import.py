@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import pandas as pd
-import pytest
 from PIL import Image
 
 from hema_pipeline.storage.warehouse import Warehouse

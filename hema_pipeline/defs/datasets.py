@@ -18,7 +18,7 @@ from hema_pipeline.datasets.tasks import (
 )
 from hema_pipeline.datasets.versioning import DatasetConfig, build_dataset, read_manifest_parquet, write_dataset
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
-from hema_pipeline.defs.quality import CellSnapshot, cell_table
+from hema_pipeline.defs.quality import CellSnapshot
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
 from hema_pipeline.storage.object_store import ObjectStore
 

@@ -7,13 +7,10 @@ resource; assets hand each other small handles (keys and versions), never "the l
 
 # No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
 import base64
-import json
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import dagster as dg
-import numpy as np
 
 from hema_pipeline import settings
 from hema_pipeline.datasets.input_pipeline import evaluation_dataset, resolve_local_image_paths, split_inputs, training_stream
