@@ -85,7 +85,8 @@ def test_nightly_schedule_sweeps_the_whole_inbox(pipeline_env, dagster_instance)
     assert all(request.run_key for request in requests)
 
 
-def test_definitions_load_with_sensor_schedule_and_job():
+def test_definitions_load_with_sensor_schedule_and_job(dagster_instance):
+    # Loading resolves Dagster's definitions-state storage through the current instance: give it a live one.
     from hema_pipeline.defs.definitions import defs
 
     repository = defs.get_repository_def()
