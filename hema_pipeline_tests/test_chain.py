@@ -197,3 +197,42 @@ def test_task_without_data_produces_no_model_and_does_not_fail(pipeline_env, dag
     ]
     reason = observations[0].event_specific_data.asset_observation.metadata["reason"].value
     assert "malignant_lymphocyte" in reason and "no verified cells" in reason
+
+
+def test_near_duplicate_across_patients_is_dropped_before_splitting(pipeline_env, dagster_instance):
+    import io
+
+    from PIL import Image
+
+    export = generate_export(
+        pipeline_env.inbox,
+        SyntheticExportSpec(smears=6, cells_per_smear=30, seed=53, class_mix={name: 1.0 for name in CELL_CLASSES}),
+    )
+    first, other = export.smears[0], next(s for s in export.smears[1:] if s.patient != export.smears[0].patient)
+
+    def a_neutrophil(smear):  # a class pbc8 learns, so both cells enter its dataset
+        return smear.folder / smear.image_names[min(i for i, c in smear.true_classes.items() if c == "neutrophil")]
+
+    source, target = a_neutrophil(first), a_neutrophil(other)
+    copy = io.BytesIO()
+    Image.open(source).resize((342, 345)).resize((360, 363)).save(copy, "JPEG", quality=75)  # resized, re-encoded
+    target.write_bytes(copy.getvalue())
+    materialise_inbox(pipeline_env, dagster_instance)
+
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=dg.AssetSelection.assets("cell_table", "pbc8_dataset"),
+        instance=dagster_instance,
+        resources=pipeline_env.resources(),
+        run_config={"ops": {"pbc8_dataset": {"config": {"min_cells_per_class": 3}}}},
+    )
+
+    assert result.success
+    [dataset] = result.asset_materializations_for_node("pbc8_dataset")
+    assert dataset.metadata["near_duplicates_dropped"].value == 1
+    checks = {
+        event.event_specific_data.check_name: event.event_specific_data.passed
+        for event in result.all_events
+        if event.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert checks["no_near_duplicates_across_splits"] and checks["no_patient_in_two_splits"]

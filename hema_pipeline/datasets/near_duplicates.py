@@ -229,3 +229,22 @@ def cross_split_near_duplicates_in_manifest(
         int(np.bitwise_count(confirming[a] ^ confirming[b])) for a, b in zip(pairs["cell_uid_a"], pairs["cell_uid_b"])
     ]
     return pairs[np.asarray(distances) <= confirm_max_distance].reset_index(drop=True)
+
+
+def near_duplicates_across_patients(
+    connection: duckdb.DuckDBPyConnection,
+    store: ObjectStore,
+    cells: pd.DataFrame,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    method: HashMethod = DEFAULT_HASH_METHOD,
+) -> pd.DataFrame:
+    """Confirmed near-duplicate pairs between cells of *different* patients (``cell_uid``, ``patient_id``,
+    ``image_sha256``, ``image_key``): the same cell exported twice, or under two accessions. Split by
+    patient, such a pair could land in two splits; found before splitting, one of it can be dropped."""
+    by_patient = cells.loc[:, ["cell_uid", "image_sha256", "image_key"]].assign(split=cells["patient_id"].astype(str))
+    return cross_split_near_duplicates_in_manifest(connection, store, by_patient, max_distance, method)
+
+
+def cells_to_drop_for_near_duplicates(pairs: pd.DataFrame) -> set[str]:
+    """One cell of each pair, deterministically (the larger ``cell_uid``), so the other stays."""
+    return {max(a, b) for a, b in zip(pairs["cell_uid_a"], pairs["cell_uid_b"], strict=True)}

@@ -237,10 +237,10 @@ class TaskCoverage:
 
 
 class TaskDataError(ValueError):
-    """A task lacks data for some of its classes; ``coverage`` says which."""
+    """A task lacks data for some of its classes, or too few patients to split; ``coverage`` says which."""
 
-    def __init__(self, coverage: TaskCoverage) -> None:
-        super().__init__(coverage.summary())
+    def __init__(self, coverage: TaskCoverage, reason: str | None = None) -> None:
+        super().__init__(reason or coverage.summary())
         self.coverage = coverage
 
 

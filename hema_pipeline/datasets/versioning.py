@@ -30,7 +30,9 @@ from hema_pipeline.datasets.tasks import (
     DEFAULT_MIN_PATIENTS_PER_CLASS,
     TASK_LABEL_COLUMN,
     TASK_LABEL_INDEX_COLUMN,
+    PATIENT_COLUMN,
     TaskCoverage,
+    TaskDataError,
     get_task,
     require_trainable,
     task_coverage,
@@ -141,6 +143,14 @@ def build_dataset(
     coverage = task_coverage(task, cells, min_cells_per_class, min_patients_per_class)
     require_trainable(coverage)
     rows = task.select_rows(cells)
+    open_splits = sum(1 for fraction in config.fractions.as_tuple() if fraction > 0)
+    patients = int(rows[PATIENT_COLUMN].nunique())
+    if patients < open_splits:
+        raise TaskDataError(
+            coverage,
+            f"{task.name}: not enough data ({patients} patients cannot fill {open_splits} splits; "
+            "a patient's cells never straddle splits)",
+        )
     split = split_by_patient(rows, fractions=config.fractions, seed=config.seed, class_order=task.classes)
     rows = rows.assign(**{SPLIT_COLUMN: split.assignments})
     version = dataset_version(rows, config)

@@ -8,7 +8,12 @@ import dagster as dg
 import pandas as pd
 
 from hema_pipeline.datasets.augmentation import AugmentationConfig
-from hema_pipeline.datasets.near_duplicates import DEFAULT_MAX_DISTANCE, cross_split_near_duplicates_in_manifest
+from hema_pipeline.datasets.near_duplicates import (
+    DEFAULT_MAX_DISTANCE,
+    cells_to_drop_for_near_duplicates,
+    cross_split_near_duplicates_in_manifest,
+    near_duplicates_across_patients,
+)
 from hema_pipeline.datasets.splits import SPLIT_NAMES, SplitFractions
 from hema_pipeline.datasets.tasks import (
     DEFAULT_MIN_CELLS_PER_CLASS,
@@ -51,6 +56,9 @@ class DatasetBuildConfig(dg.Config):
     min_cells_per_class: int = DEFAULT_MIN_CELLS_PER_CLASS
     min_patients_per_class: int = DEFAULT_MIN_PATIENTS_PER_CLASS
     balance_classes: bool = True
+    # Before splitting, one image of each confirmed near-duplicate pair across patients is dropped, so the
+    # blocking leakage check after the split guards rather than routinely stops (PBC holds such a pair).
+    near_duplicate_max_distance: int = DEFAULT_MAX_DISTANCE
 
 
 def dataset_asset_key(task: str) -> dg.AssetKey:
@@ -101,9 +109,21 @@ def build_dataset_asset(task_name: str) -> dg.AssetsDefinition:
             augmentation=AugmentationConfig(),
             balance_classes=config.balance_classes,
         )
+        cells = cell_table.load(lake)
+        candidates = task.select_rows(cells)
+        with warehouse.warehouse().connect() as connection:
+            duplicate_pairs = near_duplicates_across_patients(
+                connection, lake, candidates, config.near_duplicate_max_distance
+            )
+        dropped = cells_to_drop_for_near_duplicates(duplicate_pairs)
+        if dropped:
+            context.log.warning(f"{task_name}: dropped {len(dropped)} near-duplicate image(s) shared across patients")
         try:
             built = build_dataset(
-                cell_table.load(lake), dataset_config, config.min_cells_per_class, config.min_patients_per_class
+                cells[~cells["cell_uid"].isin(dropped)],
+                dataset_config,
+                config.min_cells_per_class,
+                config.min_patients_per_class,
             )
         except TaskDataError as error:
             context.log.warning(f"no dataset (and so no model) for {task_name}: {error}")
@@ -128,6 +148,7 @@ def build_dataset_asset(task_name: str) -> dg.AssetsDefinition:
                 "cell_table_version": cell_table.version,
                 "dagster/row_count": record.cell_count,
                 "patients": record.patient_count,
+                "near_duplicates_dropped": len(dropped),
                 "class_counts_per_split": dg.MetadataValue.md(_split_counts_markdown(record.split_counts, task.classes)),
                 "split_counts": dg.MetadataValue.json(record.split_counts),
                 "config": dg.MetadataValue.json(built.config.to_dict()),
