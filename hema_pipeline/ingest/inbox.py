@@ -7,6 +7,7 @@ through ``anonymise``.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,8 +33,6 @@ class InboxSmear:
     @property
     def fingerprint(self) -> str:
         """Changes whenever a file is added, removed or rewritten: lets a sensor re-import an updated export."""
-        import hashlib
-
         digest = hashlib.sha256()
         for info in sorted(self.files, key=lambda item: item.key):
             digest.update(f"{info.key}\x00{info.size}\x00{info.modified:.3f}\n".encode())

@@ -18,6 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import duckdb
 import pandas as pd
 import pyarrow.parquet
 
@@ -302,7 +303,7 @@ class _SmearImport:
             class_counts={str(label): int(count) for label, count in class_counts.items()},
         )
 
-    def write_smear_row(self, connection, anonymous: AnonymousSmear, now: dt.datetime) -> None:  # type: ignore[no-untyped-def]
+    def write_smear_row(self, connection: duckdb.DuckDBPyConnection, anonymous: AnonymousSmear, now: dt.datetime) -> None:
         connection.execute("delete from smears where smear_id = ?", [anonymous.smear_id])
         connection.execute(
             "insert into smears select ?, ?, ?, ?, ?, ?, (select count(*) from cells where smear_id = ?), ?, ?",
@@ -319,7 +320,7 @@ class _SmearImport:
             ],
         )
 
-    def write_quarantine_rows(self, connection, items: list[QuarantinedItem], now: dt.datetime) -> None:  # type: ignore[no-untyped-def]
+    def write_quarantine_rows(self, connection: duckdb.DuckDBPyConnection, items: list[QuarantinedItem], now: dt.datetime) -> None:
         if not items:
             return
         frame = pd.DataFrame(
@@ -352,7 +353,7 @@ class _SmearImport:
         finally:
             connection.unregister("incoming_quarantine")
 
-    def write_parquet(self, connection) -> None:  # type: ignore[no-untyped-def]
+    def write_parquet(self, connection: duckdb.DuckDBPyConnection) -> None:
         """Mirror the smear's committed rows to Parquet, the files a data lake or a rebuild reads."""
         for table in ("cells", "smears", "quarantine"):
             rows = connection.sql(
