@@ -60,3 +60,27 @@ def nightly_import_cron() -> str:
 
 def schedule_timezone() -> str:
     return _env("HEMA_TIMEZONE", "Europe/Madrid")
+
+
+def inbox_sensor_interval_seconds() -> int:
+    return int(_env("HEMA_INBOX_SENSOR_INTERVAL_SECONDS", "30"))
+
+
+def retraining_sensor_interval_seconds() -> int:
+    return int(_env("HEMA_RETRAIN_SENSOR_INTERVAL_SECONDS", "600"))
+
+
+def retrain_min_new_verified_cells() -> int:
+    return int(_env("HEMA_RETRAIN_MIN_NEW_VERIFIED_CELLS", "500"))
+
+
+def retrain_max_referred_share() -> float:
+    return float(_env("HEMA_RETRAIN_MAX_REFERRED_SHARE", "0.25"))
+
+
+def retrain_min_predictions_for_drift() -> int:
+    return int(_env("HEMA_RETRAIN_MIN_PREDICTIONS_FOR_DRIFT", "1000"))
+
+
+def retrain_tasks_without_champion() -> bool:
+    return _env("HEMA_RETRAIN_TASKS_WITHOUT_CHAMPION", "0").lower() in ("1", "true", "yes")

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from hema_pipeline.defs.automation import retraining_policy_from_settings, retraining_sensor, run_failure_recorder
 from hema_pipeline.defs.datasets import dataset_assets, dataset_checks
 from hema_pipeline.defs.ingest import imported_smear, import_smears_job, inbox_sensor, nightly_import_schedule
 from hema_pipeline.defs.models import model_assets, train_models_job
@@ -13,7 +14,7 @@ defs = dg.Definitions(
     assets=[imported_smear, cell_table, *dataset_assets, *model_assets, smear_flag_thresholds, smear_predictions],
     asset_checks=[*cell_table_checks, *dataset_checks],
     jobs=[import_smears_job, train_models_job, predict_smears_job],
-    sensors=[inbox_sensor],
+    sensors=[inbox_sensor, retraining_sensor, run_failure_recorder],
     schedules=[nightly_import_schedule],
-    resources=default_resources(),
+    resources={**default_resources(), "retraining_policy": retraining_policy_from_settings()},
 )

@@ -118,7 +118,7 @@ import_smears_job = dg.define_asset_job(
 
 @dg.sensor(
     job=import_smears_job,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=settings.inbox_sensor_interval_seconds(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the inbox; adds a partition per new smear and requests its import.",
 )

@@ -22,6 +22,8 @@ from hema_pipeline.defs.resources import StorageResource, WarehouseResource
 from hema_pipeline.storage.object_store import ObjectStore
 
 TRAINER_POOL = "trainer"  # one training at a time: it takes every core (or the GPU)
+# Run tag that dagster.yaml's tag_concurrency_limits holds to one run at a time (queued, not refused).
+TRAINER_TAGS = {"hema/resource": "trainer"}
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,31 @@ def _load_keras(lake: ObjectStore, key: str):
     from hema_pipeline.modeling.registry import model_from_bytes
 
     return model_from_bytes(lake.get_bytes(key))
+
+
+def _champion_on_candidate_split(task_name: str, dataset: DatasetHandle, storage: StorageResource, store, candidate_dataset_version: str):
+    """The current champion's test metrics on the candidate's test split (``SplitMetrics``), or None where
+    the stored metrics already compare (same dataset version), there is no champion, or the classes
+    differ (the gate refuses that on its own)."""
+    from hema_pipeline.datasets.input_pipeline import evaluation_dataset
+    from hema_pipeline.modeling.evaluation import evaluate_logits
+    from hema_pipeline.modeling.networks import predict_outputs
+    from hema_pipeline.modeling.registry import SplitMetrics, current_champion, load_model, warehouse_rows
+
+    champion_version = current_champion(store, task_name)
+    if champion_version is None:
+        return None
+    rows = warehouse_rows(store, "select dataset_version from models where model_version = ?", [champion_version])
+    if rows.empty or rows.iloc[0]["dataset_version"] == candidate_dataset_version:
+        return None
+    lake = storage.lake()
+    loaded = load_model(lake, store, task_name, champion_version)
+    if list(loaded.card.class_names) != list(dataset.classes):
+        return None
+    paths, labels = _SplitReader(dataset, lake).inputs(TEST)
+    outputs = predict_outputs(loaded.model, evaluation_dataset(paths, labels, image_size=loaded.card.input_size, cache=False))
+    report = evaluate_logits(outputs.logits, outputs.labels, dataset.classes, loaded.card.temperature)
+    return SplitMetrics.from_report(champion_version, dataset.dataset_version, report)
 
 
 def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
@@ -367,7 +394,7 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         name=f"{task_name}_champion",
-        ins={"candidate": dg.AssetIn(key=f"{task_name}_model")},
+        ins={"candidate": dg.AssetIn(key=f"{task_name}_model"), "dataset": dg.AssetIn(key=dataset_key)},
         group_name="models",
         kinds={"duckdb"},
         owners=["team:ml"],
@@ -376,11 +403,18 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         description=(
             "The promotion gate: the candidate replaces the task's champion only if it beats it on the same "
             "test split by the configured margins and passes the floors; every decision is recorded in "
-            "`model_promotions`. Its value is the champion's model version, which predictions use."
+            "`model_promotions`. A champion trained on an older dataset version is re-evaluated on the "
+            "candidate's test split first, so both sit the same exam. Its value is the champion's model "
+            "version, which predictions use."
         ),
     )
     def champion(
-        context: dg.AssetExecutionContext, config: PromotionConfig, candidate, warehouse: WarehouseResource
+        context: dg.AssetExecutionContext,
+        config: PromotionConfig,
+        candidate,
+        dataset: DatasetHandle,
+        storage: StorageResource,
+        warehouse: WarehouseResource,
     ) -> dg.Output[str]:
         from hema_pipeline.modeling.registry import PromotionPolicy, current_champion, decide_promotion
 
@@ -392,7 +426,15 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             max_ece_after=config.max_ece_after,
         )
         store = warehouse.warehouse()
-        decision = decide_promotion(store, task_name, candidate.model_version, policy)
+        champion_on_split = _champion_on_candidate_split(task_name, dataset, storage, store, candidate.dataset_version)
+        if champion_on_split is not None:
+            context.log.info(
+                f"{task_name}: champion {champion_on_split.model_version} re-evaluated on {dataset.dataset_version}: "
+                f"accuracy {champion_on_split.accuracy:.4f}, macro F1 {champion_on_split.macro_f1:.4f}"
+            )
+        decision = decide_promotion(
+            store, task_name, candidate.model_version, policy, champion_on_challenger_split=champion_on_split
+        )
         champion_version = current_champion(store, task_name)
         context.log.info(f"{task_name}: {decision.action} {candidate.model_version}: {decision.reason}")
         return dg.Output(
@@ -416,6 +458,7 @@ model_assets = [asset for name in TASKS for asset in build_model_assets(name)]
 
 train_models_job = dg.define_asset_job(
     "train_models",
+    tags=TRAINER_TAGS,
     selection=dg.AssetSelection.groups("quality", "datasets", "models") | dg.AssetSelection.assets("smear_flag_thresholds"),
     description=(
         "Snapshot and validate the cell table, rebuild every task's dataset, train, calibrate, register and "

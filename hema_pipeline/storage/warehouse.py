@@ -18,7 +18,7 @@ import duckdb
 import pandas as pd
 
 # Applied in this order; each file is idempotent (create ... if not exists / create or replace view).
-SCHEMA_FILES: tuple[str, ...] = ("schema.sql", "datasets.sql", "models.sql", "predictions.sql", "views.sql")
+SCHEMA_FILES: tuple[str, ...] = ("schema.sql", "datasets.sql", "models.sql", "predictions.sql", "monitoring.sql", "views.sql")
 
 LOCK_WAIT_SECONDS = 120.0
 
