@@ -121,6 +121,7 @@ def retraining_sensor(
 
 @dg.run_failure_sensor(
     name="run_failure_recorder",
+    minimum_interval_seconds=settings.failure_sensor_interval_seconds(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Records every failed run of this code location in the warehouse table `run_failures`.",
 )
