@@ -8,6 +8,7 @@ A Dagster asset (or a CLI command) only opens the warehouse and the store and ca
 from __future__ import annotations
 
 import datetime as dt
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,17 @@ def infer_smear(
     return SmearInference(smear_id, predictions, report)
 
 
+# Built once per classifier (a sub-model and a traced gradient pass): smears predicted in one process
+# with the same champions reuse them.
+_GRADCAMS: weakref.WeakKeyDictionary[CellClassifier, GradCam] = weakref.WeakKeyDictionary()
+
+
+def _gradcam_for(classifier: CellClassifier) -> GradCam:
+    if classifier not in _GRADCAMS:
+        _GRADCAMS[classifier] = GradCam(classifier)
+    return _GRADCAMS[classifier]
+
+
 def _store_referral_gradcams(
     predictions: pd.DataFrame,
     image_by_cell: Mapping[str, bytes],
@@ -82,18 +94,18 @@ def _store_referral_gradcams(
 ) -> list[str | None]:
     """Object keys of the Grad-CAMs written for referred rows (None for accepted ones), for the class
     each model predicted: the reviewer sees what the model based its uncertain call on."""
-    gradcams: dict[str, GradCam] = {}
-    keys: list[str | None] = []
-    for row in predictions.itertuples(index=False):
-        if row.accepted:
-            keys.append(None)
-            continue
-        task = str(row.task)
-        if task not in gradcams:
-            gradcams[task] = GradCam(classifiers[task])
-        key = gradcam_object_key(str(row.model_version), str(row.cell_key))
-        store.put_bytes(key, gradcams[task].png(image_by_cell[str(row.cell_key)], class_name=str(row.predicted_class)))
-        keys.append(key)
+    keys: list[str | None] = [None] * len(predictions)
+    referred = predictions.reset_index(drop=True)
+    referred = referred[~referred["accepted"].astype(bool)]
+    for task, rows in referred.groupby("task", sort=True):
+        # One batched gradient pass per model for all of the smear's referred cells.
+        pngs = _gradcam_for(classifiers[str(task)]).pngs(
+            [image_by_cell[str(cell)] for cell in rows["cell_key"]], [str(name) for name in rows["predicted_class"]]
+        )
+        for position, row, png in zip(rows.index, rows.itertuples(index=False), pngs, strict=True):
+            key = gradcam_object_key(str(row.model_version), str(row.cell_key))
+            store.put_bytes(key, png)
+            keys[position] = key
     return keys
 
 

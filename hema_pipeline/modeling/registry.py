@@ -680,6 +680,16 @@ def current_champion(warehouse: Warehouse, task: str) -> str | None:
     return stack[-1] if stack else None
 
 
+def current_champions(warehouse: Warehouse, tasks: Sequence[str]) -> dict[str, str | None]:
+    """``current_champion`` for several tasks over one read-only connection (the prediction stage asks
+    for every smear)."""
+    if not warehouse.path.exists():
+        return dict.fromkeys(tasks)
+    with warehouse.connect(read_only=True) as connection:
+        stacks = {task: _champion_stack(connection, task) for task in tasks}
+    return {task: stack[-1] if stack else None for task, stack in stacks.items()}
+
+
 def promotion_history(warehouse: Warehouse, task: str) -> pd.DataFrame:
     return warehouse_rows(warehouse, "select * from model_promotions where task = ? order by sequence", [task])
 
