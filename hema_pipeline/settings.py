@@ -66,6 +66,10 @@ def inbox_sensor_interval_seconds() -> int:
     return int(_env("HEMA_INBOX_SENSOR_INTERVAL_SECONDS", "30"))
 
 
+def prediction_sensor_interval_seconds() -> int:
+    return int(_env("HEMA_PREDICTION_SENSOR_INTERVAL_SECONDS", "30"))
+
+
 def failure_sensor_interval_seconds() -> int:
     return int(_env("HEMA_FAILURE_SENSOR_INTERVAL_SECONDS", "30"))
 

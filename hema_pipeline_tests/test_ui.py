@@ -25,6 +25,7 @@ import pytest
 
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
 from hema_pipeline.storage.warehouse import Warehouse
+from hema_pipeline.taxonomy import CELL_CLASSES
 from hema_pipeline_tests.conftest import TEST_KEY_HEX, _free_port
 from hema_pipeline_tests.support import TEST_KEY
 
@@ -102,12 +103,57 @@ def _partition_tag(run: dict) -> str | None:
     return next((tag["value"] for tag in run["tags"] if tag["key"] == "dagster/partition"), None)
 
 
+def _train_a_champion_before_start(home: Path, dagster_home: Path) -> None:
+    """What a lab has before the night shift: smears imported from an earlier export, a pbc8 champion
+    (one short epoch) and those smears predicted, all in this process on the same instance and warehouse,
+    so that the daemon has a model to predict new smears with."""
+    import dagster as dg
+
+    from hema_pipeline.defs.definitions import defs
+    from hema_pipeline.defs.resources import InboxResource, PseudonymKeyResource, StorageResource, WarehouseResource
+
+    earlier = generate_export(
+        home / "earlier_export",
+        SyntheticExportSpec(smears=8, cells_per_smear=40, seed=71, verified_share=1.0, class_mix={name: 1.0 for name in CELL_CLASSES}),
+    )
+    resources = {
+        "inbox": InboxResource(url=str(home / "earlier_export"), settle_seconds=0),
+        "storage": StorageResource(lake_url=str(home / "lake"), quarantine_url=str(home / "quarantine")),
+        "warehouse": WarehouseResource(path=str(home / "warehouse.duckdb")),
+        "pseudonyms": PseudonymKeyResource(),
+    }
+    configured = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, resources=resources)
+    smear_ids = [TEST_KEY.smear_id(smear.folder.name) for smear in earlier.smears]
+    training = {
+        "ops": {
+            "pbc8_dataset": {"config": {"image_size": 32, "min_cells_per_class": 8}},
+            "pbc8_trained_model": {"config": {"architecture": "compact", "epochs": 1}},
+        }
+    }
+    chain = {dg.AssetKey(name) for name in (
+        "cell_table", "pbc8_dataset", "pbc8_trained_model", "pbc8_calibration", "pbc8_model", "pbc8_champion", "smear_flag_thresholds",
+    )}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEMA_HOME", str(home))
+        patch.setenv("HEMA_PSEUDONYM_KEY", TEST_KEY_HEX)
+        patch.delenv("HEMA_DEMO", raising=False)
+        with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+            instance.add_dynamic_partitions("smears", smear_ids)
+            for smear_id in smear_ids:
+                assert configured.resolve_job_def("import_smears").execute_in_process(instance=instance, partition_key=smear_id).success
+            trained = configured.resolve_job_def("train_models").get_subset(asset_selection=chain)
+            assert trained.execute_in_process(instance=instance, run_config=training).success
+            for smear_id in smear_ids:
+                assert configured.resolve_job_def("predict_smears").execute_in_process(instance=instance, partition_key=smear_id).success
+
+
 @pytest.fixture(scope="module")
 def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterServer]:
     home = tmp_path_factory.mktemp("ui") / "hema"
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True)
     shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    _train_a_champion_before_start(home, dagster_home)
     cells_per_smear = 12
     export = generate_export(home / "inbox", SyntheticExportSpec(smears=2, cells_per_smear=cells_per_smear, seed=91))
     port = _free_port()
@@ -119,6 +165,7 @@ def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster
         "HEMA_INBOX_SETTLE_SECONDS": "0",
         "HEMA_INBOX_SENSOR_INTERVAL_SECONDS": "5",
         "HEMA_FAILURE_SENSOR_INTERVAL_SECONDS": "5",
+        "HEMA_PREDICTION_SENSOR_INTERVAL_SECONDS": "5",
         "HEMA_RETRAIN_SENSOR_INTERVAL_SECONDS": "3600",
         "GX_ANALYTICS_ENABLED": "false",
         "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -175,11 +222,12 @@ def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster
             shutil.copyfile(log, Path(artifacts) / "dagster-dev.log")
 
 
-def test_daemon_imports_inbox_smears_through_the_sensor(dagster_server: DagsterServer) -> None:
+def test_daemon_imports_and_predicts_new_smears_on_its_own(dagster_server: DagsterServer) -> None:
     server = dagster_server
 
     def imports_done() -> list[dict] | None:
-        runs = server.runs("import_smears")
+        # The sensor's runs (the earlier export was imported in the fixture, without a trigger tag).
+        runs = [run for run in server.runs("import_smears") if {"key": "hema/trigger", "value": "inbox"} in run["tags"]]
         failed = [run for run in runs if run["status"] in ("FAILURE", "CANCELED")]
         if failed:
             raise AssertionError(f"import runs failed: {failed}\n{server.log_tail()}")
@@ -188,10 +236,31 @@ def test_daemon_imports_inbox_smears_through_the_sensor(dagster_server: DagsterS
 
     runs = _wait_until(imports_done, RUN_TIMEOUT_S, "the daemon to import both smears", server)
     assert sorted(_partition_tag(run) for run in runs) == server.smear_ids
-    assert all({"key": "hema/trigger", "value": "inbox"} in run["tags"] for run in runs)
-    cells = Warehouse(server.warehouse).query("select smear_id, count(*) as n from cells group by smear_id order by smear_id")
+    cells = Warehouse(server.warehouse).query(
+        f"select smear_id, count(*) as n from cells where smear_id in ({', '.join('?' for _ in server.smear_ids)}) "
+        "group by smear_id order by smear_id",
+        server.smear_ids,
+    )
     assert cells["smear_id"].tolist() == server.smear_ids
     assert cells["n"].tolist() == [server.cells_per_smear] * len(server.smear_ids)
+
+    # The prediction automation sensor then predicts each new smear with the champion, in its own run.
+    def predicted() -> list[dict] | None:
+        rows = Warehouse(server.warehouse).query(
+            f"select smear_id, count(distinct cell_uid) as n from predictions where task = 'pbc8' and smear_id in "
+            f"({', '.join('?' for _ in server.smear_ids)}) group by smear_id order by smear_id",
+            server.smear_ids,
+        )
+        done = rows.to_dict("records")
+        return done if len(done) == len(server.smear_ids) and all(row["n"] == server.cells_per_smear for row in done) else None
+
+    _wait_until(predicted, RUN_TIMEOUT_S, "the daemon to predict both new smears", server)
+    reports = Warehouse(server.warehouse).query(
+        f"select distinct smear_id from smear_reports where smear_id in ({', '.join('?' for _ in server.smear_ids)})",
+        server.smear_ids,
+    )
+    assert sorted(reports["smear_id"]) == server.smear_ids
+    assert "SensorExecutionError" not in server.log.read_text(errors="replace"), server.log_tail()
 
 
 def test_materialisation_launched_through_graphql_succeeds(dagster_server: DagsterServer) -> None:

@@ -76,11 +76,14 @@ def retraining_sensor(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource, retraining_policy: RetrainingPolicyResource
 ):
     policy = retraining_policy.policy()
+    store = warehouse.warehouse()
+    if not store.path.exists():
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no warehouse yet at {store.path}: nothing imported"))
     cursor = json.loads(context.cursor) if context.cursor else {}
     next_cursor = dict(cursor)
     requests: list[dg.RunRequest] = []
     observed: list[str] = []
-    with warehouse.warehouse().connect(read_only=True) as connection:
+    with store.connect(read_only=True) as connection:
         for task_name in retraining_policy.tasks:
             state = TaskRetrainingState.from_dict(cursor.get(task_name, {}))
             evidence = gather_evidence(connection, TASKS[task_name], state.drift_checked_until)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import dagster as dg
 
+from hema_pipeline import settings
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL, imported_smear, smear_partitions
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
 
@@ -17,6 +18,21 @@ PRIMARY_TASK = "pbc8"
 NEUTROPHIL_DYSPLASIA_TASK = "neutrophil_dysplasia"
 LYMPHOCYTE_MALIGNANCY_TASK = "lymphocyte_malignancy"
 PREDICTION_TASKS = (PRIMARY_TASK, NEUTROPHIL_DYSPLASIA_TASK, LYMPHOCYTE_MALIGNANCY_TASK)
+
+
+# When a smear is predicted on its own: eager (a newly imported smear, or any dependency updated, e.g. a
+# new champion), except that the specialist champions are optional: a lab without dysplasia or
+# malignancy models yet still gets its 8-class predictions. A specialist's *update* still re-predicts.
+_OPTIONAL_DEPENDENCIES = dg.AssetSelection.assets(
+    f"{NEUTROPHIL_DYSPLASIA_TASK}_champion", f"{LYMPHOCYTE_MALIGNANCY_TASK}_champion"
+)
+PREDICT_WHEN = (
+    dg.AutomationCondition.in_latest_time_window()
+    & (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+    & ~dg.AutomationCondition.any_deps_missing().ignore(_OPTIONAL_DEPENDENCIES)
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("eager; specialist champions optional")
 
 
 class FlagThresholdsConfig(dg.Config):
@@ -92,7 +108,7 @@ def _champion_classifiers(storage: StorageResource, warehouse: WarehouseResource
                 "Grad-CAM for referred cells; rows keyed by (smear, cell, model version), so re-runs and "
                 "new champions never duplicate and old predictions stay."
             ),
-            automation_condition=dg.AutomationCondition.eager(),
+            automation_condition=PREDICT_WHEN,
         ),
         dg.AssetSpec(
             "smear_report",
@@ -105,7 +121,7 @@ def _champion_classifiers(storage: StorageResource, warehouse: WarehouseResource
                 "(immature granulocytes, erythroblasts, suspected malignant lymphocytes, dysplasia share, "
                 "many referrals), analyser agreement and the models and thresholds used."
             ),
-            automation_condition=dg.AutomationCondition.eager(),
+            automation_condition=PREDICT_WHEN,
         ),
     ],
     ins={"flag_thresholds": dg.AssetIn(key=smear_flag_thresholds.key)},
@@ -157,6 +173,20 @@ def smear_predictions(
             "report": dg.MetadataValue.md(report.markdown()),
         },
     )
+
+
+prediction_automation_sensor = dg.AutomationConditionSensorDefinition(
+    "prediction_automation_sensor",
+    target=dg.AssetSelection.assets("smear_predictions", "smear_report"),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=settings.prediction_sensor_interval_seconds(),
+    run_tags={"hema/trigger": "automation"},
+    description=(
+        "Predicts each newly imported smear, and every smear again when a champion changes (the automation "
+        "condition of smear_predictions / smear_report). Running by default, unlike Dagster's default "
+        "automation sensor."
+    ),
+)
 
 
 predict_smears_job = dg.define_asset_job(
