@@ -19,8 +19,8 @@ def _sensor_resources(env):
 
 
 def _evaluate_sensor(env, instance, cursor=None) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=_sensor_resources(env))
-    return inbox_sensor(context)
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=_sensor_resources(env)) as context:
+        return inbox_sensor(context)
 
 
 def _apply_partition_requests(instance, result: dg.SensorResult) -> None:
@@ -71,14 +71,14 @@ def test_sensor_waits_for_a_folder_without_metadata_to_settle(pipeline_env, dags
     (export.smears[0].folder / "smear.json").unlink()
     resources = _sensor_resources(pipeline_env)
     resources["inbox"] = InboxResource(url=str(pipeline_env.inbox), settle_seconds=3600)
-    context = dg.build_sensor_context(instance=dagster_instance, resources=resources)
-    assert inbox_sensor(context).run_requests == []
+    with dg.build_sensor_context(instance=dagster_instance, resources=resources) as context:
+        assert inbox_sensor(context).run_requests == []
 
 
 def test_nightly_schedule_sweeps_the_whole_inbox(pipeline_env, dagster_instance):
     export = generate_export(pipeline_env.inbox, SyntheticExportSpec(smears=2, cells_per_smear=5, seed=35))
-    context = dg.build_schedule_context(instance=dagster_instance, resources=_sensor_resources(pipeline_env))
-    requests = nightly_import_schedule(context)
+    with dg.build_schedule_context(instance=dagster_instance, resources=_sensor_resources(pipeline_env)) as context:
+        requests = nightly_import_schedule(context)
     expected = sorted(TEST_KEY.smear_id(smear.accession) for smear in export.smears)
     assert sorted(request.partition_key for request in requests) == expected
     assert sorted(dagster_instance.get_dynamic_partitions(smear_partitions.name)) == expected

@@ -69,14 +69,14 @@ def test_prediction_sensor_runs_by_default_and_targets_the_prediction_assets() -
 
 
 def test_retraining_sensor_skips_before_anything_was_imported(pipeline_env, dagster_instance) -> None:
-    context = dg.build_sensor_context(
+    with dg.build_sensor_context(
         instance=dagster_instance,
         resources={
             "warehouse": WarehouseResource(path=str(pipeline_env.warehouse)),
             "retraining_policy": RetrainingPolicyResource(),
         },
-    )
-    result = retraining_sensor(context)
+    ) as context:
+        result = retraining_sensor(context)
     assert not result.run_requests
     assert "no warehouse yet" in result.skip_reason.skip_message
     assert not pipeline_env.warehouse.exists()  # a sensor never creates the warehouse

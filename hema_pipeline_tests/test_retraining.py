@@ -119,12 +119,14 @@ def _import(env, instance, seed: int, smears: int) -> list[str]:
 
 
 def _evaluate(env, instance, cursor: str | None, policy: RetrainingPolicyResource):
-    context = dg.build_sensor_context(
+    # Entered and left as a context manager: a context left open keeps the instance's state storage
+    # as the process-wide current one after the instance is gone, and a later test's load fails.
+    with dg.build_sensor_context(
         instance=instance,
         cursor=cursor,
         resources={"warehouse": WarehouseResource(path=str(env.warehouse)), "retraining_policy": policy},
-    )
-    return retraining_sensor(context)
+    ) as context:
+        return retraining_sensor(context)
 
 
 @pytest.mark.slow

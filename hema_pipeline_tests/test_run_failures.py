@@ -33,14 +33,14 @@ def test_a_failed_import_run_is_recorded_once(pipeline_env, dagster_instance) ->
     assert not result.success
 
     def evaluate() -> None:
-        context = dg.build_run_status_sensor_context(
+        with dg.build_run_status_sensor_context(
             sensor_name=run_failure_recorder.name,
             dagster_event=result.get_run_failure_event(),
             dagster_instance=instance,
             dagster_run=result.dagster_run,
             resources={"warehouse": WarehouseResource(path=str(env.warehouse))},
-        )
-        run_failure_recorder(context)
+        ) as context:
+            run_failure_recorder(context)
 
     evaluate()
     evaluate()  # a sensor tick repeated after a restart must not add a second row
