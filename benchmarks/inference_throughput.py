@@ -40,6 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_pbc import cpu_model  # noqa: E402  (benchmarks/ is not a package)
+
 REPO = Path(__file__).resolve().parents[1]
 # Paths that would send the benchmark to a real home instead of its temporary one.
 _LOCATION_VARIABLES = ("HEMA_INBOX", "HEMA_LAKE", "HEMA_QUARANTINE", "HEMA_WAREHOUSE", "HEMA_PSEUDONYM_KEY_FILE", "HEMA_S3_ENDPOINT_URL")
@@ -47,16 +50,6 @@ _LOCATION_VARIABLES = ("HEMA_INBOX", "HEMA_LAKE", "HEMA_QUARANTINE", "HEMA_WAREH
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:
