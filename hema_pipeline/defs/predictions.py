@@ -27,12 +27,13 @@ _OPTIONAL_DEPENDENCIES = dg.AssetSelection.assets(
     f"{NEUTROPHIL_DYSPLASIA_TASK}_champion", f"{LYMPHOCYTE_MALIGNANCY_TASK}_champion"
 )
 PREDICT_WHEN = (
-    dg.AutomationCondition.in_latest_time_window()
-    & (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
-    & ~dg.AutomationCondition.any_deps_missing().ignore(_OPTIONAL_DEPENDENCIES)
-    & ~dg.AutomationCondition.any_deps_in_progress()
-    & ~dg.AutomationCondition.in_progress()
-).with_label("eager; specialist champions optional")
+    dg.AutomationCondition.eager()
+    .replace(
+        dg.AutomationCondition.any_deps_missing(),
+        dg.AutomationCondition.any_deps_missing().ignore(_OPTIONAL_DEPENDENCIES),
+    )
+    .with_label("eager; specialist champions optional")
+)
 
 
 class FlagThresholdsConfig(dg.Config):
