@@ -14,6 +14,10 @@ def _env(name: str, default: str) -> str:
     return value or default
 
 
+def _env_flag(name: str) -> bool:
+    return _env(name, "0").lower() in ("1", "true", "yes")
+
+
 def hema_home() -> Path:
     return Path(_env("HEMA_HOME", ".hema")).resolve()
 
@@ -39,7 +43,7 @@ def s3_endpoint_url() -> str:
 
 
 def demo_mode() -> bool:
-    return _env("HEMA_DEMO", "0").lower() in ("1", "true", "yes")
+    return _env_flag("HEMA_DEMO")
 
 
 def pseudonym_key_file() -> str:
@@ -91,4 +95,4 @@ def retrain_min_predictions_for_drift() -> int:
 
 
 def retrain_tasks_without_champion() -> bool:
-    return _env("HEMA_RETRAIN_TASKS_WITHOUT_CHAMPION", "0").lower() in ("1", "true", "yes")
+    return _env_flag("HEMA_RETRAIN_TASKS_WITHOUT_CHAMPION")
