@@ -84,14 +84,16 @@ def derived_handle(prepared, held_out_class: str):
     return handle, held_out_rows
 
 
-def outputs_for_rows(model, lake, rows, image_size: int):
+def outputs_for_rows(model, lake, rows, image_size: int, crop_fraction: float, test_time_views: int):
     from hema_pipeline.datasets.input_pipeline import evaluation_dataset, resolve_local_image_paths
     from hema_pipeline.modeling.networks import predict_outputs
 
     rows = rows.sort_values("cell_uid")
     paths = resolve_local_image_paths(lake, list(rows["image_key"]), Path(tempfile.gettempdir()))
-    dataset = evaluation_dataset(paths, [0] * len(paths), image_size=image_size, cache=False)
-    return predict_outputs(model, dataset)
+    dataset = evaluation_dataset(
+        paths, [0] * len(paths), image_size=image_size, cache=False, crop_fraction=crop_fraction
+    )
+    return predict_outputs(model, dataset, test_time_views=test_time_views)
 
 
 def run_one(prepared, held_out_class: str, args) -> dict:
@@ -122,12 +124,14 @@ def run_one(prepared, held_out_class: str, args) -> dict:
     trained, calibrated = trained_output.value, calibration_output.value
     model = model_from_bytes(lake.get_bytes(trained.model_key))
     reader = _SplitReader(handle, lake)
-    known_test = _outputs(model, reader, TEST)
-    known_calibration = _outputs(model, reader, CALIBRATION)
-    known_train = _outputs(model, reader, TRAIN)
+    # Every output as the calibration asset computed its own: the dataset's crop, the calibrated views.
+    views, crop = calibrated.test_time_views, handle.config.crop_fraction
+    known_test = _outputs(model, reader, TEST, views)
+    known_calibration = _outputs(model, reader, CALIBRATION, views)
+    known_train = _outputs(model, reader, TRAIN, views)
     held_test_rows = held_out_rows.loc[held_out_rows["split"] == TEST]
-    held_all = outputs_for_rows(model, lake, held_out_rows, args.image_size)
-    held_test = outputs_for_rows(model, lake, held_test_rows, args.image_size)
+    held_all = outputs_for_rows(model, lake, held_out_rows, args.image_size, crop, views)
+    held_test = outputs_for_rows(model, lake, held_test_rows, args.image_size, crop, views)
 
     temperature = calibrated.temperature
     evaluation = evaluate_logits(known_test.logits, known_test.labels, handle.classes, temperature)

@@ -2,7 +2,7 @@
 through the project's own code.
 
     .venv/bin/python benchmarks/train_pbc.py --image-size 96 --architecture standard --epochs 30 \
-        --out /tmp/pbc8.json [--max-per-class 200] [--seed 0]
+        --out /tmp/pbc8.json [--crop-fraction 0.75] [--test-time-views 8] [--max-per-class 200] [--seed 0]
 
 Steps, each the project's real code path:
 
@@ -90,6 +90,7 @@ def prepare_pbc8(
     max_per_class: int | None,
     cells_per_smear: int = 100,
     near_duplicate_check: bool = True,
+    crop_fraction: float | None = None,
 ) -> PreparedData:
     """Export -> import -> cell table -> pbc8 dataset (+ leakage checks), as the pipeline does it."""
     from hema_pipeline.anonymise.pseudonymise import PseudonymKey
@@ -137,7 +138,7 @@ def prepare_pbc8(
 
     # The cell_table asset's snapshot: every row of `cells`.
     cells = warehouse.query("select * from cells order by cell_uid")
-    # The pbc8_dataset asset with its default DatasetBuildConfig, except image size and seed.
+    # The pbc8_dataset asset with its default DatasetBuildConfig, except image size, seed and (if given) crop.
     defaults = DatasetBuildConfig()
     dataset_config = DatasetConfig(
         task="pbc8",
@@ -148,6 +149,7 @@ def prepare_pbc8(
         image_size=image_size,
         augmentation=AugmentationConfig(),
         balance_classes=defaults.balance_classes,
+        crop_fraction=defaults.crop_fraction if crop_fraction is None else crop_fraction,
     )
     started = time.perf_counter()
     built = build_dataset(cells, dataset_config, defaults.min_cells_per_class, defaults.min_patients_per_class)
@@ -216,7 +218,15 @@ def asset_by_name(name: str):
     raise KeyError(name)
 
 
-def train_and_calibrate(prepared: PreparedData, dataset, architecture: str, epochs: int, patience: int, train_seed: int):
+def train_and_calibrate(
+    prepared: PreparedData,
+    dataset,
+    architecture: str,
+    epochs: int,
+    patience: int,
+    train_seed: int,
+    test_time_views: int | None = None,
+):
     """Run the pbc8_trained_model and pbc8_calibration asset bodies on ``dataset`` (a DatasetHandle)."""
     import dagster as dg
 
@@ -230,7 +240,10 @@ def train_and_calibrate(prepared: PreparedData, dataset, architecture: str, epoc
         storage=storage,
     )
     calibration_output = asset_by_name("pbc8_calibration")(
-        config=CalibrationConfig(), dataset=dataset, trained=trained_output.value, storage=storage
+        config=CalibrationConfig() if test_time_views is None else CalibrationConfig(test_time_views=test_time_views),
+        dataset=dataset,
+        trained=trained_output.value,
+        storage=storage,
     )
     return trained_output, calibration_output
 
@@ -281,6 +294,7 @@ def markdown_report(summary: dict) -> str:
         f"| epochs run (best epoch) | {summary['epochs_run']} ({summary['best_epoch']}) |",
         f"| best validation accuracy | {summary['best_val_accuracy']:.4f} |",
         f"| architecture / image size / parameters | {summary['architecture']} / {summary['image_size']} px / {summary['parameters']:,} |",
+        f"| centre crop / test-time views | {summary['crop_fraction']} / {summary['test_time_views']} |",
         f"| device | {summary['device']} |",
         f"| machine | {summary['machine']} |",
         "",
@@ -303,6 +317,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=6, help="early-stopping patience (TrainingRunConfig default 6)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per class (quick runs)")
+    parser.add_argument("--crop-fraction", type=float, default=None, help="centre crop (DatasetBuildConfig default)")
+    parser.add_argument(
+        "--test-time-views", type=int, default=None, help="dihedral views averaged (CalibrationConfig default)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="export, split and training-stream seed")
     parser.add_argument("--train-seed", type=int, default=20260101, help="weight-initialisation seed (TrainingRunConfig)")
     parser.add_argument("--skip-near-duplicates", action="store_true")
@@ -320,10 +338,16 @@ def main() -> None:
         work = Path(temporary)
         os.environ["HEMA_HOME"] = str(work / "home")  # the image cache _SplitReader would use for S3 lakes
         prepared = prepare_pbc8(
-            work, pbc_root, args.image_size, args.seed, args.max_per_class, near_duplicate_check=not args.skip_near_duplicates
+            work,
+            pbc_root,
+            args.image_size,
+            args.seed,
+            args.max_per_class,
+            near_duplicate_check=not args.skip_near_duplicates,
+            crop_fraction=args.crop_fraction,
         )
         trained_output, calibration_output = train_and_calibrate(
-            prepared, prepared.dataset, args.architecture, args.epochs, args.patience, args.train_seed
+            prepared, prepared.dataset, args.architecture, args.epochs, args.patience, args.train_seed, args.test_time_views
         )
         trained, calibrated = trained_output.value, calibration_output.value
         started = time.perf_counter()
@@ -338,6 +362,8 @@ def main() -> None:
         "device": trained.device,
         "architecture": args.architecture,
         "image_size": args.image_size,
+        "crop_fraction": prepared.dataset.config.crop_fraction,
+        "test_time_views": calibrated.test_time_views,
         "parameters": int(metadata["parameters"].value if hasattr(metadata["parameters"], "value") else metadata["parameters"]),
         "epochs_requested": args.epochs,
         "epochs_run": trained.epochs_run,

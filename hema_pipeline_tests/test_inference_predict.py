@@ -3,6 +3,8 @@ failures, agreement with the training pipeline's preprocessing, and two-stage ro
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import math
 
@@ -157,17 +159,47 @@ def test_unreadable_images_are_named_with_their_reason(primary_model, tmp_path):
 
 def test_preprocessing_is_the_training_pipelines(tmp_path):
     """Train/serve skew check: a JPEG is decoded and resized bit-for-bit as the training pipeline does."""
-    from hema_pipeline.datasets.input_pipeline import decode_and_resize as training_decode
+    from hema_pipeline.datasets.input_pipeline import decode_and_resize_file as training_decode
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (45, 47, 3), dtype=np.uint8)
     image = np.kron(base, np.ones((8, 8, 1), np.uint8))  # 360 x 376: exercises the DCT downscale
     path = tmp_path / "cell.jpg"
     Image.fromarray(image).save(path, format="JPEG", quality=90)
-    for size in (32, 96, 400):
-        ours = prepare_images([path], size)[0]
-        theirs = training_decode(tf.constant(str(path)), size).numpy()
-        assert np.array_equal(ours, theirs), size
+    for size, crop in ((32, 1.0), (96, 1.0), (400, 1.0), (64, 0.75), (96, 0.5)):
+        ours = prepare_images([path], size, crop)[0]
+        theirs = training_decode(tf.constant(str(path)), size, crop).numpy()
+        assert np.array_equal(ours, theirs), (size, crop)
+
+
+def test_a_card_with_test_time_views_averages_the_logits_over_them(tmp_path):
+    from hema_pipeline.modeling.networks import predict_outputs
+
+    # A model that sees orientation: logits from the mean colour of the top-left quadrant only.
+    inputs = keras.Input((SIZE, SIZE, 3))
+    corner = keras.layers.Cropping2D(((0, SIZE // 2), (0, SIZE // 2)))(inputs)
+    pooled = keras.layers.Rescaling(1.0 / 255.0, name="features")(keras.layers.GlobalAveragePooling2D()(corner))
+    dense = keras.layers.Dense(3, name="logits")
+    model = keras.Model(inputs, dense(pooled))
+    dense.set_weights([np.eye(3, dtype=np.float32) * 6.0, np.zeros(3, np.float32)])
+    image = np.full((SIZE, SIZE, 3), BLUE, np.uint8)
+    image[: SIZE // 2, : SIZE // 2] = RED
+    path = tmp_path / "corner.png"
+    Image.fromarray(image).save(path)
+    single = CellClassifier(model, card("pbc", PRIMARY))
+    averaged = CellClassifier(model, dataclasses.replace(card("pbc", PRIMARY), test_time_views=8))
+    prepared = prepare_images([path], SIZE)
+    assert single.logits(prepared).argmax() == 0  # red: the corner it looks at
+    assert averaged.logits(prepared).argmax() == 2  # blue: three quarters of the cell, seen from 8 sides
+    np.testing.assert_allclose(
+        averaged.logits(prepared), predict_outputs(model, prepared.astype(np.float32), test_time_views=8).logits, atol=1e-5
+    )
+    rows = predict_images([path], averaged)
+    assert rows["predicted_class"].tolist() == [PRIMARY[2]]
+    with pytest.raises(InvalidModelCard, match="test_time_views"):
+        CellClassifier(model, dataclasses.replace(card("pbc", PRIMARY), test_time_views=3))
+    with pytest.raises(InvalidModelCard, match="crop_fraction"):
+        CellClassifier(model, dataclasses.replace(card("pbc", PRIMARY), crop_fraction=1.5))
 
 
 def test_the_pixel_range_comes_from_the_network():

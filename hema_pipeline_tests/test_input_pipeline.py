@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from hema_pipeline.datasets.augmentation import AugmentationConfig, build_batch_augmenter
 from hema_pipeline.datasets.input_pipeline import (
     ImageCacheError,
-    decode_and_resize,
+    decode_and_resize_file,
     evaluation_dataset,
     materialise_local_image_cache,
     resolve_local_image_paths,
@@ -90,15 +90,46 @@ def test_decode_resizes_large_and_small_jpegs(tmp_path):
     large = write_jpeg(tmp_path / "large.jpg", class_image(2, 0, size=(366, 369)))
     small = write_jpeg(tmp_path / "small.jpg", class_image(1, 0, size=(24, 20)))
     for path, label in ((large, 2), (small, 1)):
-        image = decode_and_resize(tf.constant(str(path)), SIZE).numpy()
+        image = decode_and_resize_file(tf.constant(str(path)), SIZE).numpy()
         assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
         assert dominant_channels(image[None].astype(np.float32))[0] == label
     # area-averaged downscale: the resized picture matches a PIL box-filter downscale closely
     reference = np.asarray(
         Image.open(large).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32
     )
-    ours = decode_and_resize(tf.constant(str(large)), SIZE).numpy().astype(np.float32)
+    ours = decode_and_resize_file(tf.constant(str(large)), SIZE).numpy().astype(np.float32)
     assert np.abs(ours - reference).mean() < 6.0
+
+
+def test_crop_keeps_the_centred_square_of_the_shortest_side(tmp_path):
+    # 360 x 372: a red frame around a green centre whose square is exactly 0.5 of the shortest side
+    image = np.zeros((360, 372, 3), np.uint8)
+    image[..., 0] = 220
+    image[90:270, 96:276] = (20, 200, 30)
+    path = tmp_path / "framed.jpg"
+    Image.fromarray(image).save(path, format="JPEG", quality=95)
+    whole = decode_and_resize_file(tf.constant(str(path)), SIZE).numpy().astype(np.float32)
+    centre = decode_and_resize_file(tf.constant(str(path)), SIZE, crop_fraction=0.5).numpy().astype(np.float32)
+    assert whole[..., 0].mean() > 100  # the frame is most of the whole image
+    assert centre[..., 1].mean() > 180 and centre[..., 0].mean() < 60  # only the centre is left
+    # the DCT-downscaled crop matches a PIL box-filter resize of the same centred square
+    reference = np.asarray(
+        Image.open(path).convert("RGB").crop((96, 90, 276, 270)).resize((SIZE, SIZE), Image.Resampling.BOX),
+        dtype=np.float32,
+    )
+    assert np.abs(centre - reference).mean() < 6.0
+    with pytest.raises(ValueError, match="crop_fraction"):
+        decode_and_resize_file(tf.constant(str(path)), SIZE, crop_fraction=0.0)
+
+
+def test_cached_images_are_keyed_by_crop(labelled_images, tmp_path):
+    paths, labels = labelled_images
+    cache = tmp_path / "cache"
+    whole = next(iter(evaluation_dataset(paths[:4], labels[:4], image_size=SIZE, cache_dir=cache)))[0].numpy()
+    cropped = next(
+        iter(evaluation_dataset(paths[:4], labels[:4], image_size=SIZE, cache_dir=cache, crop_fraction=0.5))
+    )[0].numpy()
+    assert not np.array_equal(whole, cropped)  # the second pass did not reuse the first one's cache file
 
 
 def test_balanced_stream_draws_classes_equally_and_keeps_labels_with_images(labelled_images):

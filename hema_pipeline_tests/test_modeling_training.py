@@ -34,7 +34,9 @@ from hema_pipeline.modeling.networks import (
     ArchitectureConfig,
     architecture_preset,
     build_model,
+    dihedral_views,
     large,
+    mean_over_views,
     predict_outputs,
 )
 from hema_pipeline.modeling.registry import (
@@ -167,6 +169,49 @@ def test_predictions_stay_aligned_with_labels_of_a_reshuffling_dataset(trained: 
     accuracy_in_order = (in_order.logits.argmax(axis=1) == labels).mean()
     assert (outputs.logits.argmax(axis=1) == outputs.labels).mean() == pytest.approx(accuracy_in_order)
     assert accuracy_in_order >= 0.95
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square_and_subgroups():
+    image = tf.reshape(tf.range(9, dtype=tf.float32), [1, 3, 3, 1])
+    views = dihedral_views(image, 8).numpy()[..., 0]
+    as_tuples = {tuple(view.ravel()) for view in views}
+    assert len(as_tuples) == 8  # all distinct: a pixel permutation each, no interpolation
+    grid = image.numpy()[0, ..., 0]
+    expected = {tuple(np.rot90(flipped, turns).ravel()) for flipped in (grid, grid.T) for turns in range(4)}
+    assert as_tuples == expected
+    # The first 2 and 4 views are closed under composition: applying them to any of their own views
+    # gives back the same set.
+    for count in (2, 4):
+        first = dihedral_views(image, count).numpy()
+        again = dihedral_views(tf.constant(first), count).numpy()[..., 0]
+        assert {tuple(view.ravel()) for view in again} == {tuple(view.ravel()) for view in first[..., 0]}
+    with pytest.raises(ValueError, match="test-time views"):
+        dihedral_views(image, 3)
+
+
+def test_mean_over_views_undoes_the_view_batching():
+    values = tf.constant(np.arange(2 * 4 * 3, dtype=np.float32).reshape(8, 3))  # 4 views of 2 cells
+    np.testing.assert_allclose(mean_over_views(values, 4).numpy(), values.numpy().reshape(4, 2, 3).mean(axis=0))
+    assert mean_over_views(values, 1) is values
+
+
+def test_eight_view_outputs_do_not_depend_on_the_cells_orientation(trained: TrainingResult):
+    images, _ = squares(12, seed=5)
+    images[:, :4, :8] = 255.0  # an asymmetric mark, so single-view logits do depend on orientation
+    turned = np.rot90(images, 1, axes=(1, 2)).copy()
+    single, single_turned = predict_outputs(trained.model, images), predict_outputs(trained.model, turned)
+    assert not np.allclose(single.logits, single_turned.logits, atol=1e-4)
+    both = [predict_outputs(trained.model, batch, test_time_views=8) for batch in (images, turned, images[:, ::-1].copy())]
+    np.testing.assert_allclose(both[0].logits, both[1].logits, atol=1e-4)
+    np.testing.assert_allclose(both[0].logits, both[2].logits, atol=1e-4)
+    np.testing.assert_allclose(both[0].features, both[1].features, atol=1e-4)
+    # the mean of the views, computed by hand
+    by_hand = np.mean(
+        [predict_outputs(trained.model, np.rot90(flipped, turns, axes=(1, 2)).copy()).logits
+         for flipped in (images, np.swapaxes(images, 1, 2)) for turns in range(4)],
+        axis=0,
+    )
+    np.testing.assert_allclose(both[0].logits, by_hand, atol=1e-4)
 
 
 def test_mixed_precision_path_trains_with_float32_logits(tmp_path: Path):

@@ -65,11 +65,16 @@ class DatasetConfig:
     image_size: int = DEFAULT_IMAGE_SIZE
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     balance_classes: bool = True
+    # Centred share of each image's shortest side that is kept before resizing to image_size
+    # (input_pipeline.decode_and_resize); 1.0 keeps the whole image.
+    crop_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         get_task(self.task)  # unknown task names fail here, not halfway through a build
         if self.image_size < 8:
             raise ValueError(f"image_size {self.image_size} is too small to show a cell")
+        if not 0.2 <= self.crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction must be in [0.2, 1], got {self.crop_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +84,7 @@ class DatasetConfig:
             "image_size": self.image_size,
             "augmentation": self.augmentation.to_dict(),
             "balance_classes": self.balance_classes,
+            "crop_fraction": self.crop_fraction,
         }
 
     def to_json(self) -> str:
@@ -95,6 +101,8 @@ class DatasetConfig:
             image_size=int(values["image_size"]),
             augmentation=AugmentationConfig.from_dict(values["augmentation"]),
             balance_classes=bool(values["balance_classes"]),
+            # absent from versions written before cropping existed, which kept the whole image
+            crop_fraction=float(values.get("crop_fraction", 1.0)),
         )
 
 

@@ -47,6 +47,7 @@ class CalibrationHandle:
     temperature: float
     referral_policy: dict
     ood_threshold: dict
+    test_time_views: int = 1  # the logits everything above was fitted on are means over this many views
 
 
 class TrainingRunConfig(dg.Config):
@@ -63,6 +64,9 @@ class CalibrationConfig(dg.Config):
     target_accuracy: float = 0.995  # accepted cells must reach this accuracy on the calibration split
     min_cells_per_class: int = 50  # fewer calibration cells of a class: its threshold falls back to the global one
     ood_keep_quantile: float = 0.95  # share of known calibration cells the unfamiliarity threshold keeps
+    # Logits are averaged over this many dihedral views of each cell (1, 2, 4 or 8) for calibration, test
+    # evaluation and every later prediction: a cell has no orientation, and neither should its answer.
+    test_time_views: int = 8
 
 
 class PromotionConfig(dg.Config):
@@ -102,13 +106,14 @@ class _SplitReader:
 
     def evaluation(self, split: str):  # -> tf.data.Dataset
         paths, labels = self.inputs(split)
-        return evaluation_dataset(paths, labels, image_size=self.dataset.config.image_size)
+        config = self.dataset.config
+        return evaluation_dataset(paths, labels, image_size=config.image_size, crop_fraction=config.crop_fraction)
 
 
-def _outputs(model, reader: _SplitReader, split: str):  # -> ModelOutputs
+def _outputs(model, reader: _SplitReader, split: str, test_time_views: int):  # -> ModelOutputs
     from hema_pipeline.modeling.networks import predict_outputs
 
-    return predict_outputs(model, reader.evaluation(split))
+    return predict_outputs(model, reader.evaluation(split), test_time_views=test_time_views)
 
 
 def _load_keras(lake: ObjectStore, key: str):
@@ -137,7 +142,9 @@ def _champion_on_candidate_split(task_name: str, dataset: DatasetHandle, storage
     if list(loaded.card.class_names) != list(dataset.classes):
         return None
     paths, labels = _SplitReader(dataset, lake).inputs(TEST)
-    outputs = predict_outputs(loaded.model, evaluation_dataset(paths, labels, image_size=loaded.card.input_size, cache=False))
+    card = loaded.card
+    images = evaluation_dataset(paths, labels, image_size=card.input_size, cache=False, crop_fraction=card.crop_fraction)
+    outputs = predict_outputs(loaded.model, images, test_time_views=card.test_time_views)
     report = evaluate_logits(outputs.logits, outputs.labels, dataset.classes, loaded.card.temperature)
     return SplitMetrics.from_report(champion_version, dataset.dataset_version, report)
 
@@ -192,6 +199,7 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             augmentation=dataset_config.augmentation,
             balance_classes=dataset_config.balance_classes,
             seed=dataset_config.seed,
+            crop_fraction=dataset_config.crop_fraction,
         )
         with tempfile.TemporaryDirectory() as checkpoints:
             result = train_model(
@@ -263,7 +271,10 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         )
 
         lake = storage.lake()
-        outputs = _outputs(_load_keras(lake, trained.model_key), _SplitReader(dataset, lake), CALIBRATION)
+        from hema_pipeline.modeling.networks import check_test_time_views
+
+        views = check_test_time_views(config.test_time_views)
+        outputs = _outputs(_load_keras(lake, trained.model_key), _SplitReader(dataset, lake), CALIBRATION, views)
         temperature = fit_temperature(outputs.logits, outputs.labels)
         probabilities = softmax(outputs.logits, temperature.temperature)
         policy = fit_referral_policy(
@@ -283,9 +294,11 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
                 temperature=temperature.temperature,
                 referral_policy=policy.to_dict(),
                 ood_threshold=ood.to_dict(),
+                test_time_views=views,
             ),
             metadata={
                 "temperature": temperature.temperature,
+                "test_time_views": views,
                 "calibration_cells": len(outputs.labels),
                 "nll_before": temperature.nll_before,
                 "nll_after": temperature.nll_after,
@@ -337,7 +350,7 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         lake = storage.lake()
         model_bytes = lake.get_bytes(trained.model_key)
         model = _load_keras(lake, trained.model_key)
-        outputs = _outputs(model, _SplitReader(dataset, lake), TEST)
+        outputs = _outputs(model, _SplitReader(dataset, lake), TEST, calibrated.test_time_views)
         temperature = calibrated.temperature
         evaluation = evaluate_logits(outputs.logits, outputs.labels, dataset.classes, temperature)
         calibration = calibration_report(outputs.logits, outputs.labels, temperature)
@@ -358,6 +371,8 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             referral=policy,
             test_referral=referral,
             ood=OodThreshold.from_dict(calibrated.ood_threshold),
+            crop_fraction=dataset.config.crop_fraction,
+            test_time_views=calibrated.test_time_views,
         )
         card = register_model(
             lake,

@@ -57,6 +57,8 @@ class PlainModelCard:
     energy_temperature: float = 1.0
     ood_method: str | None = None  # None or "energy": ood_threshold is on the energy score
     features_layer: str = "features"
+    crop_fraction: float = 1.0
+    test_time_views: int = 1
 
 
 class InvalidModelCard(ValueError):
@@ -90,6 +92,10 @@ def validate_card(card: ModelCard) -> None:
             raise InvalidModelCard(f"{where}: threshold for {name!r} must be in [0, 1] or refer-all, got {threshold}")
     if card.ood_threshold is not None and not math.isfinite(card.ood_threshold):
         raise InvalidModelCard(f"{where}: ood_threshold must be a finite number or None")
+    if not 0.0 < crop_fraction(card) <= 1.0:
+        raise InvalidModelCard(f"{where}: crop_fraction must be in (0, 1], got {crop_fraction(card)}")
+    if test_time_views(card) not in (1, 2, 4, 8):
+        raise InvalidModelCard(f"{where}: test_time_views must be 1, 2, 4 or 8, got {test_time_views(card)}")
     declared_temperature = getattr(card, "energy_temperature", 1.0)
     if not (isinstance(declared_temperature, int | float) and declared_temperature > 0):
         raise InvalidModelCard(f"{where}: energy_temperature must be positive, got {declared_temperature!r}")
@@ -120,6 +126,17 @@ def features_layer(card: ModelCard) -> str:
     return str(getattr(card, "features_layer", "features"))
 
 
+def crop_fraction(card: ModelCard) -> float:
+    """The share of each image's shortest side, centred, that the model was trained on (1.0: all of it)."""
+    return float(getattr(card, "crop_fraction", 1.0))
+
+
+def test_time_views(card: ModelCard) -> int:
+    """How many dihedral views of each cell the logits are averaged over (1: the image as it is); the
+    temperature and thresholds were fitted on logits computed this way."""
+    return int(getattr(card, "test_time_views", 1))
+
+
 def energy_temperature(card: ModelCard) -> float:
     """The temperature of the energy score the card's ood_threshold was fitted on (1.0 unless it says)."""
     return float(getattr(card, "energy_temperature", 1.0))
@@ -139,4 +156,6 @@ def card_thresholds(card: ModelCard) -> dict[str, Any]:
         "ood_method": ood_method(card),
         "ood_threshold": None if card.ood_threshold is None else float(card.ood_threshold),
         "energy_temperature": energy_temperature(card),
+        "crop_fraction": crop_fraction(card),
+        "test_time_views": test_time_views(card),
     }

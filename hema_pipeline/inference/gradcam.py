@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from hema_pipeline.inference.cards import crop_fraction
 from hema_pipeline.inference.predict import CellClassifier, ImageSource, prepare_images
 
 DEFAULT_OVERLAY_OPACITY = 0.5
@@ -124,12 +125,29 @@ class GradCam:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
             indices = None if class_names is None else [names.index(name) for name in class_names[start : start + batch_size]]
-            result = self.maps(prepare_images(chunk, card.input_size), indices)
+            result = self.maps(prepare_images(chunk, card.input_size, crop_fraction(card)), indices)
             for image, heatmap in zip(chunk, result.heatmaps, strict=True):
                 data = image if isinstance(image, bytes) else Path(image).read_bytes()
                 original = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8).numpy()
-                pngs.append(encode_png(overlay_heatmap(original, heatmap, opacity)))
+                pngs.append(encode_png(overlay_on_seen_region(original, heatmap, crop_fraction(card), opacity)))
         return pngs
+
+
+def overlay_on_seen_region(
+    image: np.ndarray, heatmap: np.ndarray, crop: float, opacity: float = DEFAULT_OVERLAY_OPACITY
+) -> np.ndarray:
+    """``overlay_heatmap`` over the part of ``image`` the network saw: the centred square of ``crop`` of
+    the shortest side that ``decode_and_resize`` keeps (all of the image at 1.0); the rest is unchanged."""
+    if crop >= 1.0:
+        return overlay_heatmap(image, heatmap, opacity)
+    height, width = image.shape[:2]
+    side = max(1, int(min(height, width) * crop))
+    top, left = (height - side) // 2, (width - side) // 2
+    overlaid = image.copy()
+    overlaid[top : top + side, left : left + side] = overlay_heatmap(
+        image[top : top + side, left : left + side], heatmap, opacity
+    )
+    return overlaid
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, opacity: float = DEFAULT_OVERLAY_OPACITY) -> np.ndarray:

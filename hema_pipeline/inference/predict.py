@@ -20,12 +20,15 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from hema_pipeline.datasets.input_pipeline import decode_and_resize
 from hema_pipeline.inference.cards import (
     ModelCard,
+    crop_fraction,
     energy_temperature,
     features_layer,
     minimum_confidences,
     ood_method,
+    test_time_views,
     validate_card,
 )
 from hema_pipeline.inference.routing import (
@@ -37,6 +40,7 @@ from hema_pipeline.inference.routing import (
     validate_routes,
 )
 from hema_pipeline.modeling.calibration import energy_score, softmax
+from hema_pipeline.modeling.networks import dihedral_views, mean_over_views
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -46,8 +50,6 @@ ProgressCallback = Callable[[int], None]  # called with the number of images in 
 # The networks' input rescaling layer (hema_pipeline.modeling.networks.build_model):
 # Rescaling(scale=2 / pixel_range, offset=-1), so the pixel range a model was trained on can be read back.
 _PIXEL_SCALING_LAYER = "pixel_scaling"
-# As hema_pipeline.datasets.input_pipeline: decode_jpeg can shrink by these factors while decoding.
-_JPEG_DECODE_RATIOS = (1, 2, 4, 8)
 
 
 def model_pixel_range(model: keras.Model) -> float | None:
@@ -113,14 +115,21 @@ class CellClassifier:
         if feature_scorer is not None:
             network = keras.Model(model.inputs, [model.outputs[0], model.get_layer(features_layer(card)).output])
 
+        # Logits (and features) are the mean over the dihedral views the card's thresholds were fitted on.
+        views = test_time_views(card)
+
         # A fixed signature traces once; the last, smaller batch does not retrace.
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         def forward(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            outputs = network(tf.cast(images, tf.float32) * pixel_scale, training=False)
+            outputs = network(dihedral_views(tf.cast(images, tf.float32) * pixel_scale, views), training=False)
             if feature_scorer is None:
-                return tf.cast(outputs, tf.float32), tf.zeros([tf.shape(images)[0], 0], tf.float32)
+                logits = mean_over_views(tf.cast(outputs, tf.float32), views)
+                return logits, tf.zeros([tf.shape(images)[0], 0], tf.float32)
             logits, features = outputs
-            return tf.cast(logits, tf.float32), tf.cast(features, tf.float32)
+            return (
+                mean_over_views(tf.cast(logits, tf.float32), views),
+                mean_over_views(tf.cast(features, tf.float32), views),
+            )
 
         self._forward = forward
 
@@ -232,14 +241,14 @@ def _default_keys(images: Sequence[ImageSource]) -> list[str]:
     return [str(index) if isinstance(image, bytes) else os.fspath(image) for index, image in enumerate(images)]
 
 
-def _image_dataset(images: Sequence[ImageSource], input_size: int) -> tf.data.Dataset:
+def _image_dataset(images: Sequence[ImageSource], input_size: int, crop: float) -> tf.data.Dataset:
     """(index, uint8 image) pairs; a path is read inside the pipeline, so files are read in parallel too."""
     is_path = [not isinstance(image, bytes) for image in images]
     payloads = [os.fsencode(image) if not isinstance(image, bytes) else image for image in images]
 
     def load(index: tf.Tensor, path_flag: tf.Tensor, payload: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         data = tf.cond(path_flag, lambda: tf.io.read_file(payload), lambda: payload)
-        return index, decode_and_resize(data, input_size)
+        return index, decode_and_resize(data, input_size, crop)
 
     dataset = tf.data.Dataset.from_tensor_slices(
         (tf.range(len(images), dtype=tf.int64), tf.constant(is_path, tf.bool), tf.constant(payloads, tf.string))
@@ -247,46 +256,16 @@ def _image_dataset(images: Sequence[ImageSource], input_size: int) -> tf.data.Da
     return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def decode_and_resize(data: tf.Tensor, input_size: int) -> tf.Tensor:
-    """uint8 ``[input_size, input_size, 3]`` from encoded image bytes, exactly as the training pipeline
-    (``hema_pipeline.datasets.input_pipeline.decode_and_resize``) prepares a JPEG: downscaled while
-    decoding by the largest DCT factor keeping both sides >= input_size, area-averaged to size (an
-    antialiased downscale: aliasing turns granules into moire), bilinear when enlarging, rounded.
-    Other formats (PNG from ``hema classify``) are decoded whole and resized the same way."""
-
-    def decode_jpeg() -> tf.Tensor:
-        shortest = tf.reduce_min(tf.io.extract_jpeg_shape(data)[:2])
-        fits = tf.stack([shortest // ratio >= input_size for ratio in _JPEG_DECODE_RATIOS])
-        branch = tf.reduce_max(tf.where(fits, tf.range(len(_JPEG_DECODE_RATIOS)), 0))
-        return tf.switch_case(
-            branch, [lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio) for ratio in _JPEG_DECODE_RATIOS]
-        )
-
-    def decode_other() -> tf.Tensor:
-        return tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-
-    decoded = tf.cond(tf.io.is_jpeg(data), decode_jpeg, decode_other)
-    decoded.set_shape([None, None, 3])
-    # After a DCT downscale the shortest side is still >= input_size exactly when it was before.
-    shortest = tf.reduce_min(tf.shape(decoded)[:2])
-    size = [input_size, input_size]
-    resized = tf.cond(
-        shortest >= input_size,
-        lambda: tf.image.resize(decoded, size, method="area"),
-        lambda: tf.image.resize(decoded, size, method="bilinear"),
-    )
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-
-
-def prepare_images(images: Sequence[ImageSource], input_size: int) -> np.ndarray:
-    """Decoded, resized uint8 images ``[n, input_size, input_size, 3]`` (eager; for Grad-CAM and
-    checks). An unreadable image raises ``UnreadableImagesError``."""
+def prepare_images(images: Sequence[ImageSource], input_size: int, crop: float = 1.0) -> np.ndarray:
+    """Decoded, cropped and resized uint8 images ``[n, input_size, input_size, 3]``, exactly as the
+    training pipeline prepares them (``datasets.input_pipeline.decode_and_resize``; ``crop`` is the card's
+    ``crop_fraction``); eager, for Grad-CAM and checks. An unreadable image raises ``UnreadableImagesError``."""
     arrays = []
     failures = []
     for key, image in zip(_default_keys(images), images, strict=True):
         try:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
-            arrays.append(decode_and_resize(tf.constant(data), input_size).numpy())
+            arrays.append(decode_and_resize(tf.constant(data), input_size, crop).numpy())
         except (OSError, tf.errors.OpError) as error:
             failures.append(UnreadableImage(key, _failure_reason(error)))
     if failures:
@@ -307,11 +286,11 @@ def _failure_reason(error: BaseException) -> str:
     return str(error)
 
 
-def _diagnose(image: ImageSource, input_size: int) -> str:
+def _diagnose(image: ImageSource, input_size: int, crop: float) -> str:
     """Why one image failed in the pipeline (which only drops it): redo its steps eagerly for the error."""
     try:
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        decode_and_resize(tf.constant(data), input_size)
+        decode_and_resize(tf.constant(data), input_size, crop)
     except (OSError, tf.errors.OpError) as error:
         return _failure_reason(error)
     return "could not be decoded in the batch pipeline"
@@ -343,7 +322,7 @@ def predict_readable_images(
         return prediction_frame(np.zeros((0, len(card.class_names))), card, []), []
 
     dataset = (
-        _image_dataset(images, card.input_size)
+        _image_dataset(images, card.input_size, crop_fraction(card))
         # A corrupt image must not end the batch for the others: drop it here, diagnose it below.
         .ignore_errors(log_warning=False)
         .batch(batch_size)
@@ -370,7 +349,7 @@ def predict_readable_images(
         frame = prediction_frame(np.zeros((0, len(card.class_names))), card, [])
 
     failed = sorted(set(range(len(images))) - set(seen.tolist()))
-    failures = [UnreadableImage(keys[index], _diagnose(images[index], card.input_size)) for index in failed]
+    failures = [UnreadableImage(keys[index], _diagnose(images[index], card.input_size, crop_fraction(card))) for index in failed]
     return frame, failures
 
 

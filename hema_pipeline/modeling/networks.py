@@ -240,6 +240,51 @@ def _application_body(x: Any, arch: ArchitectureConfig) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
+# Test-time views: a blood cell has no orientation, so the network's answer should not have one either.
+
+# The dihedral group of the square, ordered so that the first 1, 2, 4 or 8 elements form a subgroup
+# (identity; + half turn; + both flips; + transpose, anti-transpose and the quarter turns): averaging over
+# a subgroup gives an answer invariant to exactly those transformations.
+TEST_TIME_VIEW_COUNTS: tuple[int, ...] = (1, 2, 4, 8)
+
+
+def check_test_time_views(views: int) -> int:
+    if views not in TEST_TIME_VIEW_COUNTS:
+        raise ValueError(f"test-time views must be one of {TEST_TIME_VIEW_COUNTS}, got {views}")
+    return views
+
+
+def dihedral_views(images: tf.Tensor, views: int) -> tf.Tensor:
+    """``[n, s, s, c]`` -> ``[views * n, s, s, c]``: the first ``views`` elements of the dihedral group
+    applied to the batch, view-major (all of view 0, then all of view 1...). Exact pixel permutations:
+    no interpolation, so no view is blurrier than another."""
+    check_test_time_views(views)
+    transposed = tf.transpose(images, [0, 2, 1, 3])
+    candidates = [
+        images,
+        tf.reverse(images, axis=[1, 2]),
+        tf.reverse(images, axis=[1]),
+        tf.reverse(images, axis=[2]),
+        transposed,
+        tf.reverse(transposed, axis=[1, 2]),
+        tf.reverse(transposed, axis=[1]),
+        tf.reverse(transposed, axis=[2]),
+    ]
+    return tf.concat(candidates[:views], axis=0) if views > 1 else images
+
+
+def mean_over_views(values: tf.Tensor, views: int) -> tf.Tensor:
+    """Undo ``dihedral_views``' batching: ``[views * n, ...]`` -> ``[n, ...]``, averaged over the views.
+    Logits are averaged (not probabilities), so temperature scaling and the energy score keep their
+    meaning on the result."""
+    if views == 1:
+        return values
+    shape = tf.shape(values)
+    per_view = tf.reshape(values, tf.concat([[views, shape[0] // views], shape[1:]], axis=0))
+    return tf.reduce_mean(per_view, axis=0)
+
+
+# --------------------------------------------------------------------------------------------------
 # Running a model: logits and features in one pass, labels kept aligned.
 
 
@@ -263,19 +308,25 @@ def predict_outputs(
     model: keras.Model,
     data: np.ndarray | tf.data.Dataset,
     batch_size: int = 256,
+    test_time_views: int = 1,
 ) -> ModelOutputs:
     """Logits and features for an image array ``[n, H, W, 3]`` or a dataset of images or (image, label)
-    pairs, batched or not.
+    pairs, batched or not. With ``test_time_views`` > 1, both are the mean over that many dihedral views
+    of each image (``dihedral_views``), as inference computes them for a card that says so.
 
     A dataset is iterated exactly once and labels are collected in the same pass: a dataset that
     reshuffles on each iteration would otherwise pair predictions with the wrong labels."""
     extractor = feature_extractor(model)
+    check_test_time_views(test_time_views)
 
     # No Python control flow inside, so no AutoGraph (which fails on this closure with a warning).
     @tf.function(reduce_retracing=True, autograph=False)
     def run(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        logits, features = extractor(tf.cast(images, tf.float32), training=False)
-        return tf.cast(logits, tf.float32), tf.cast(features, tf.float32)
+        logits, features = extractor(dihedral_views(tf.cast(images, tf.float32), test_time_views), training=False)
+        return (
+            mean_over_views(tf.cast(logits, tf.float32), test_time_views),
+            mean_over_views(tf.cast(features, tf.float32), test_time_views),
+        )
 
     if isinstance(data, np.ndarray):
         data = tf.data.Dataset.from_tensor_slices(data)

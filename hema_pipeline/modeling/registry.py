@@ -132,6 +132,9 @@ class ModelCard:
     attachments: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     features_layer: str = "features"  # penultimate feature vector (Mahalanobis OOD, embeddings)
     last_conv_layer: str = "last_conv"  # last spatial feature map (Grad-CAM)
+    # Preprocessing and read-out the temperature and thresholds were fitted with; inference repeats them.
+    crop_fraction: float = 1.0  # centred share of each image's shortest side the network sees
+    test_time_views: int = 1  # dihedral views of each cell whose logits are averaged
     model_version: str = ""
     card_key: str = ""
 
@@ -194,11 +197,14 @@ def draft_model_card(
     ood: OodThreshold | None,
     training_details: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    crop_fraction: float = 1.0,
+    test_time_views: int = 1,
 ) -> ModelCard:
     """Assemble a card from the stage results; ``register_model`` fills in the version and keys.
 
     ``test_*`` must all come from the test split (the temperature, referral thresholds and OOD threshold
-    were fitted on the calibration split). ``training_details`` adds what was resolved at run time
+    were fitted on the calibration split, with ``test_time_views`` views per image of ``crop_fraction``
+    crops, as the test evaluation was computed). ``training_details`` adds what was resolved at run time
     (batch size actually used, epochs run, best epoch...)."""
     if not TASK_NAME.match(task):
         raise ValueError(f"task {task!r}: use lower-case letters, digits, '-' and '_'")
@@ -250,6 +256,8 @@ def draft_model_card(
         notes=[*test_evaluation.notes, *notes],
         features_layer=FEATURES_LAYER,
         last_conv_layer=LAST_CONV_LAYER,
+        crop_fraction=float(crop_fraction),
+        test_time_views=int(test_time_views),
     )
 
 
