@@ -115,6 +115,29 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     assert set(predictions["model_version"]) == {champion}
     assert warehouse.query("select count(*) as n from smear_reports").n[0] == len(partitions)
 
+    # No train/serve skew: the champion's card carries the dataset's crop and the calibrated views, and a
+    # smear's stored confidences are what the evaluation path (dataset preprocessing, predict_outputs over
+    # those views, the card's temperature) computes for the same images.
+    import numpy as np
+
+    from hema_pipeline.datasets.input_pipeline import evaluation_dataset
+    from hema_pipeline.modeling.calibration import softmax
+    from hema_pipeline.modeling.networks import predict_outputs
+    from hema_pipeline.modeling.registry import load_model
+    from hema_pipeline.storage.object_store import LocalObjectStore
+
+    loaded = load_model(LocalObjectStore(env.lake), warehouse, "pbc8", champion)
+    assert (loaded.card.crop_fraction, loaded.card.test_time_views, loaded.card.input_size) == (0.75, 8, IMAGE_SIZE)
+    stored = warehouse.query(
+        "select c.image_key, p.confidence from predictions p join cells c using (cell_uid) "
+        "where p.smear_id = ? and p.task = 'pbc8' order by p.cell_uid",
+        [partitions[0]],
+    )
+    paths = [str(env.lake / key) for key in stored["image_key"]]
+    images = evaluation_dataset(paths, [0] * len(paths), image_size=IMAGE_SIZE, crop_fraction=0.75, cache=False)
+    logits = predict_outputs(loaded.model, images, test_time_views=8).logits
+    np.testing.assert_allclose(softmax(logits, loaded.card.temperature).max(axis=1), stored["confidence"], atol=1e-4)
+
     # The SQL view gives the differential computed here by hand from the prediction rows.
     smear = partitions[0]
     rows = predictions[(predictions["smear_id"] == smear) & predictions["accepted"]]

@@ -72,6 +72,27 @@ def test_gradcam_png_is_valid_and_points_at_the_evidence():
     assert np.array_equal(overlay[55, 60], original[55, 60])
 
 
+def test_with_a_cropping_card_the_map_covers_the_crop_it_was_computed_on():
+    import dataclasses
+
+    # The dark disk sits in the centre: with crop 0.5 the model sees a 30x30 centre of the 64x60 image.
+    rows, columns = np.mgrid[0:60, 0:64]
+    image = np.full((60, 64, 3), 230, np.uint8)
+    image[(rows - 30) ** 2 + (columns - 32) ** 2 < 6**2] = (40, 30, 60)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    classifier = CellClassifier(darkness_model(), dataclasses.replace(card(), crop_fraction=0.5))
+    heatmap = GradCam(classifier).maps(prepare_images([buffer.getvalue()], SIZE, 0.5), class_indices=[0]).heatmaps[0]
+    assert heatmap[12:20, 12:20].mean() > 0.8  # the disk fills the middle of what the model saw
+    with Image.open(io.BytesIO(GradCam(classifier).png(buffer.getvalue(), class_name="dark"))) as decoded:
+        overlay = np.asarray(decoded)
+    assert overlay.shape == image.shape
+    assert np.abs(overlay[30, 32].astype(int) - image[30, 32]).sum() > 60  # heat on the disk
+    outside = np.ones((60, 64), bool)
+    outside[15:45, 17:47] = False  # the centred 30x30 square the network saw
+    assert np.array_equal(overlay[outside], image[outside])
+
+
 def test_gradcam_defaults_to_the_predicted_class():
     classifier = CellClassifier(darkness_model(), card())
     maps = GradCam(classifier).maps(prepare_images([dark_spot_png()], SIZE))
