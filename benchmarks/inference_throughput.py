@@ -3,7 +3,7 @@ seed-style loop (PIL load + ``model.predict`` one image at a time) over the same
 the time from a new smear in the inbox to its predictions in DuckDB.
 
     .venv/bin/python benchmarks/inference_throughput.py [--smears 12] [--cells-per-smear 100] \
-        [--epochs 8] [--image-size 64] [--latency-cells 200] [--out /tmp/inference.json] [--keep]
+        [--epochs 8] [--image-size 64] [--test-time-views 8] [--latency-cells 200] [--out /tmp/inference.json] [--keep]
 
 Setup (not timed into any figure): a temporary HEMA_HOME with a synthetic export (fake patients), imported
 and trained through Dagster as ``hema_pipeline/demo.py`` does (the three prediction tasks, short CPU
@@ -120,6 +120,9 @@ def import_and_train(args: argparse.Namespace) -> dict:
     )
     config = _demo_training_config(args.image_size, args.epochs)
     config["loggers"] = QUIET["loggers"]
+    if args.test_time_views is not None:  # the views each champion is calibrated, and so used, with
+        for task in DEMO_TASKS:
+            config["ops"][f"{task}_calibration"] = {"config": {"test_time_views": args.test_time_views}}
     training = dg.materialize(
         [*defs.assets, *defs.asset_checks],
         selection=selection,
@@ -287,6 +290,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument(
+        "--test-time-views", type=int, default=None, help="views per cell of every champion (CalibrationConfig default)"
+    )
     parser.add_argument("--images", type=int, default=0, help="cap on images for classify / seed loop (0: every imported cell)")
     parser.add_argument("--latency-cells", type=int, default=200)
     parser.add_argument("--out", help="also write every figure to this JSON file")
@@ -295,6 +301,7 @@ def main() -> int:
 
     home = Path(tempfile.mkdtemp(prefix="hema-inference-bench-"))
     figures: dict = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}}
+    figures["arguments"] = {name: value for name, value in vars(args).items() if name != "out"}
     figures["load_average_start"] = load_average()
     try:
         prepare_environment(home)
