@@ -1,8 +1,10 @@
 """Real-data benchmark: the pbc8 model trained, calibrated and evaluated on the PBC images, end to end
 through the project's own code.
 
-    .venv/bin/python benchmarks/train_pbc.py --image-size 96 --architecture standard --epochs 30 \
-        --out /tmp/pbc8.json [--crop-fraction 0.75] [--test-time-views 8] [--max-per-class 200] [--seed 0]
+    .venv/bin/python benchmarks/train_pbc.py --out /tmp/pbc8.json [--image-size 128] [--epochs 60]
+        [--patience 25] [--crop-fraction 0.75] [--test-time-views 8] [--max-per-class 200] [--seed 0]
+
+Every setting left out takes the Dagster asset's default (shown above).
 
 Steps, each the project's real code path:
 
@@ -311,10 +313,10 @@ def markdown_report(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--image-size", type=int, default=None, help="DatasetBuildConfig default")
     parser.add_argument("--architecture", default="standard", choices=["compact", "standard", "large"])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--patience", type=int, default=6, help="early-stopping patience (TrainingRunConfig default 6)")
+    parser.add_argument("--epochs", type=int, default=None, help="TrainingRunConfig default")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingRunConfig default)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per class (quick runs)")
     parser.add_argument("--crop-fraction", type=float, default=None, help="centre crop (DatasetBuildConfig default)")
     parser.add_argument(
@@ -328,6 +330,13 @@ def main() -> None:
     parser.add_argument("--log-file", default=None)
     args = parser.parse_args()
     setup_logging(args.log_file)
+    from hema_pipeline.defs.datasets import DatasetBuildConfig
+    from hema_pipeline.defs.models import TrainingRunConfig
+
+    training_defaults = TrainingRunConfig()
+    args.image_size = args.image_size or DatasetBuildConfig().image_size
+    args.epochs = args.epochs or training_defaults.epochs
+    args.patience = args.patience or training_defaults.early_stopping_patience
 
     pbc_root = args.pbc or shared_data_dir() / "pbc"
     if not pbc_root.is_dir():
