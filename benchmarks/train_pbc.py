@@ -1,7 +1,7 @@
 """Real-data benchmark: the pbc8 model trained, calibrated and evaluated on the PBC images, end to end
 through the project's own code.
 
-    .venv/bin/python benchmarks/train_pbc.py --out /tmp/pbc8.json [--image-size 128] [--epochs 60]
+    .venv/bin/python benchmarks/train_pbc.py --out /tmp/pbc8.json [--image-size 96] [--epochs 70]
         [--patience 25] [--crop-fraction 0.75] [--test-time-views 8] [--max-per-class 200] [--seed 0]
 
 Every setting left out takes the Dagster asset's default (shown above).

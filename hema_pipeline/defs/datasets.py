@@ -48,9 +48,9 @@ class DatasetHandle:
 
 class DatasetBuildConfig(dg.Config):
     seed: int = 0
-    # 128 px is where pbc8 reached the 98.5% target on the 2-core CPU (benchmarks/RESULTS.md: 98.56%
-    # against 98.25% at 96 px, ~1.3x the training time); 96 px is the cheaper option.
-    image_size: int = 128
+    # pbc8 at 96 px: 98.25% and 98.31% (two runs); at 128 px 98.56% and 98.12% (two weight seeds) for
+    # 1.8x the compute per prediction (benchmarks/RESULTS.md), so no measured reason yet to pay for 128.
+    image_size: int = 96
     # Centred share of each image's shortest side the networks see (CellaVision centres the cell): at 0.75
     # the cell is seen at the resolution of a 4/3 larger whole image, for the compute of image_size.
     crop_fraction: float = 0.75

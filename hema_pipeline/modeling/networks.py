@@ -101,12 +101,11 @@ def compact(input_size: int = 128) -> ArchitectureConfig:
     )
 
 
-def standard(input_size: int = 128) -> ArchitectureConfig:
+def standard(input_size: int = 96) -> ArchitectureConfig:
     """~1.45 M parameters: an Xception-style residual network of separable convolutions with batch norm,
     from scratch, for the 8-class PBC task. Trains ~320 img/s at 96 px and ~165 img/s at 128 px on the
-    reference 2-core CPU (about 40 s per PBC epoch at 128 px). With a 0.75 centre crop and 8 test-time
-    views it reached 98.56% on pbc8 at 128 px and 98.25% at 96 px (benchmarks/RESULTS.md), so 128 px
-    is the default and 96 px the cheaper option."""
+    reference 2-core CPU. With a 0.75 centre crop and 8 test-time views it reached 98.25–98.31% on pbc8
+    at 96 px and 98.12–98.56% at 128 px (two runs each, benchmarks/RESULTS.md): 96 px is the default."""
     return ArchitectureConfig(
         name="standard",
         family="residual_separable",
