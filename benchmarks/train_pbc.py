@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from hema_pipeline.settings import shared_data_dir
 
 LOG = logging.getLogger("train_pbc")
@@ -86,7 +85,7 @@ class PreparedData:
 def prepare_pbc8(
     work: Path,
     pbc_root: Path,
-    image_size: int,
+    image_size: int | None,
     seed: int,
     max_per_class: int | None,
     cells_per_smear: int = 100,
@@ -139,7 +138,7 @@ def prepare_pbc8(
 
     # The cell_table asset's snapshot: every row of `cells`.
     cells = warehouse.query("select * from cells order by cell_uid")
-    # The pbc8_dataset asset with its default DatasetBuildConfig, except image size, seed and (if given) crop.
+    # The pbc8_dataset asset with its default DatasetBuildConfig, except seed and (if given) image size and crop.
     defaults = DatasetBuildConfig()
     dataset_config = DatasetConfig(
         task="pbc8",
@@ -147,7 +146,7 @@ def prepare_pbc8(
             defaults.train_fraction, defaults.validation_fraction, defaults.calibration_fraction, defaults.test_fraction
         ),
         seed=seed,
-        image_size=image_size,
+        image_size=defaults.image_size if image_size is None else image_size,
         augmentation=AugmentationConfig(),
         balance_classes=defaults.balance_classes,
         crop_fraction=defaults.crop_fraction if crop_fraction is None else crop_fraction,
@@ -223,8 +222,8 @@ def train_and_calibrate(
     prepared: PreparedData,
     dataset,
     architecture: str,
-    epochs: int,
-    patience: int,
+    epochs: int | None,
+    patience: int | None,
     train_seed: int,
     test_time_views: int | None = None,
 ):
@@ -236,7 +235,12 @@ def train_and_calibrate(
     storage, _ = storage_resources(prepared)
     trained_output = asset_by_name("pbc8_trained_model")(
         dg.build_asset_context(),
-        config=TrainingRunConfig(architecture=architecture, epochs=epochs, early_stopping_patience=patience, seed=train_seed),
+        # Epochs and patience left out take TrainingRunConfig's defaults, as the asset would.
+        config=TrainingRunConfig(
+            architecture=architecture,
+            seed=train_seed,
+            **{name: value for name, value in (("epochs", epochs), ("early_stopping_patience", patience)) if value is not None},
+        ),
         dataset=dataset,
         storage=storage,
     )
@@ -330,13 +334,6 @@ def main() -> None:
     parser.add_argument("--log-file", default=None)
     args = parser.parse_args()
     setup_logging(args.log_file)
-    from hema_pipeline.defs.datasets import DatasetBuildConfig
-    from hema_pipeline.defs.models import TrainingRunConfig
-
-    training_defaults = TrainingRunConfig()
-    args.image_size = args.image_size or DatasetBuildConfig().image_size
-    args.epochs = args.epochs or training_defaults.epochs
-    args.patience = args.patience or training_defaults.early_stopping_patience
 
     pbc_root = args.pbc or shared_data_dir() / "pbc"
     if not pbc_root.is_dir():
@@ -369,11 +366,11 @@ def main() -> None:
         "machine": machine_description(),
         "device": trained.device,
         "architecture": args.architecture,
-        "image_size": args.image_size,
+        "image_size": prepared.dataset.config.image_size,
         "crop_fraction": prepared.dataset.config.crop_fraction,
         "test_time_views": calibrated.test_time_views,
         "parameters": int(metadata["parameters"].value if hasattr(metadata["parameters"], "value") else metadata["parameters"]),
-        "epochs_requested": args.epochs,
+        "epochs_requested": trained.training_config["epochs"],
         "epochs_run": trained.epochs_run,
         "best_epoch": int(metadata["best_epoch"].value if hasattr(metadata["best_epoch"], "value") else metadata["best_epoch"]),
         "best_val_accuracy": trained.best_val_accuracy,
