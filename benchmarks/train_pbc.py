@@ -2,7 +2,8 @@
 through the project's own code.
 
     .venv/bin/python benchmarks/train_pbc.py --out /tmp/pbc8.json [--image-size 96] [--epochs 70]
-        [--patience 25] [--crop-fraction 0.75] [--test-time-views 8] [--max-per-class 200] [--seed 0]
+        [--patience 25] [--crop-fraction 0.75] [--test-time-views 8] [--ensemble-members 1]
+        [--max-per-class 200] [--seed 0]
 
 Every setting left out takes the Dagster asset's default (shown above).
 
@@ -226,6 +227,7 @@ def train_and_calibrate(
     patience: int | None,
     train_seed: int,
     test_time_views: int | None = None,
+    ensemble_members: int | None = None,
 ):
     """Run the pbc8_trained_model and pbc8_calibration asset bodies on ``dataset`` (a DatasetHandle)."""
     import dagster as dg
@@ -235,11 +237,17 @@ def train_and_calibrate(
     storage, _ = storage_resources(prepared)
     trained_output = asset_by_name("pbc8_trained_model")(
         dg.build_asset_context(),
-        # Epochs and patience left out take TrainingRunConfig's defaults, as the asset would.
+        # Epochs, patience and ensemble size left out take TrainingRunConfig's defaults, as the asset would.
         config=TrainingRunConfig(
             architecture=architecture,
             seed=train_seed,
-            **{name: value for name, value in (("epochs", epochs), ("early_stopping_patience", patience)) if value is not None},
+            **{
+                name: value
+                for name, value in (
+                    ("epochs", epochs), ("early_stopping_patience", patience), ("ensemble_members", ensemble_members)
+                )
+                if value is not None
+            },
         ),
         dataset=dataset,
         storage=storage,
@@ -280,6 +288,8 @@ def _fmt(value, digits: int = 4) -> str:
 
 def markdown_report(summary: dict) -> str:
     m = summary["metrics"]
+    epochs_per_member = ", ".join(f"{member['epochs_run']} ({member['best_epoch']})" for member in summary["members"])
+    val_accuracy_per_member = ", ".join(f"{member['best_val_accuracy']:.4f}" for member in summary["members"])
     lines = [
         "| figure | value |",
         "|---|---:|",
@@ -296,8 +306,10 @@ def markdown_report(summary: dict) -> str:
         f"| accepted-cell accuracy | {_fmt(m['referral_accepted_accuracy'])} |",
         f"| energy OOD threshold (keeps 95% of calibration cells) | {summary['ood']['threshold']:.4f} |",
         f"| training seconds | {summary['training_seconds']:.0f} |",
-        f"| epochs run (best epoch) | {summary['epochs_run']} ({summary['best_epoch']}) |",
-        f"| best validation accuracy | {summary['best_val_accuracy']:.4f} |",
+        f"| ensemble members | {summary['ensemble_members']} |",
+        f"| epochs run (best epoch), per member | {epochs_per_member} |",
+        f"| best validation accuracy, per member | {val_accuracy_per_member} |",
+        f"| validation accuracy of the stored model | {summary['best_val_accuracy']:.4f} |",
         f"| architecture / image size / parameters | {summary['architecture']} / {summary['image_size']} px / {summary['parameters']:,} |",
         f"| centre crop / test-time views | {summary['crop_fraction']} / {summary['test_time_views']} |",
         f"| device | {summary['device']} |",
@@ -326,6 +338,9 @@ def main() -> None:
     parser.add_argument(
         "--test-time-views", type=int, default=None, help="dihedral views averaged (CalibrationConfig default)"
     )
+    parser.add_argument(
+        "--ensemble-members", type=int, default=None, help="networks averaged in the model (TrainingRunConfig default)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="export, split and training-stream seed")
     parser.add_argument("--train-seed", type=int, default=20260101, help="weight-initialisation seed (TrainingRunConfig)")
     parser.add_argument("--skip-near-duplicates", action="store_true")
@@ -352,7 +367,14 @@ def main() -> None:
             crop_fraction=args.crop_fraction,
         )
         trained_output, calibration_output = train_and_calibrate(
-            prepared, prepared.dataset, args.architecture, args.epochs, args.patience, args.train_seed, args.test_time_views
+            prepared,
+            prepared.dataset,
+            args.architecture,
+            args.epochs,
+            args.patience,
+            args.train_seed,
+            args.test_time_views,
+            args.ensemble_members,
         )
         trained, calibrated = trained_output.value, calibration_output.value
         started = time.perf_counter()
@@ -371,8 +393,8 @@ def main() -> None:
         "test_time_views": calibrated.test_time_views,
         "parameters": int(metadata["parameters"].value if hasattr(metadata["parameters"], "value") else metadata["parameters"]),
         "epochs_requested": trained.training_config["epochs"],
-        "epochs_run": trained.epochs_run,
-        "best_epoch": int(metadata["best_epoch"].value if hasattr(metadata["best_epoch"], "value") else metadata["best_epoch"]),
+        "ensemble_members": trained.architecture["ensemble_members"],
+        "members": metadata["members"].value,  # per member: seed, epochs run, best epoch, validation accuracy
         "best_val_accuracy": trained.best_val_accuracy,
         "training_seconds": trained.training_seconds,
         "max_per_class": args.max_per_class,

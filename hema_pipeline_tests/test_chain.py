@@ -179,6 +179,56 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     assert all(abs(sum(float(row[f"p_{name}"]) for name in ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte", "immature_granulocyte", "erythroblast", "platelet")) - 1) < 1e-4 for row in table)
 
 
+def test_an_ensemble_trains_registers_and_predicts_through_dagster(chain, tmp_path):
+    env, instance = chain
+    task = "neutrophil_dysplasia"
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=dg.AssetSelection.assets(
+            "cell_table",
+            "smear_flag_thresholds",
+            *[f"{task}_{stage}" for stage in ("dataset", "trained_model", "calibration", "model", "champion")],
+        ),
+        instance=instance,
+        resources=env.resources(),
+        run_config={
+            "ops": {
+                f"{task}_dataset": {"config": {"image_size": IMAGE_SIZE, "min_cells_per_class": 8}},
+                f"{task}_trained_model": {"config": {"epochs": 3, "seed": 5, "ensemble_members": 2}},
+            }
+        },
+    )
+    assert result.success
+    [trained] = result.asset_materializations_for_node(f"{task}_trained_model")
+    members = trained.metadata["members"].value
+    assert [member["seed"] for member in members] == [5, 6]
+    assert trained.metadata["epochs_run"].value == sum(member["epochs_run"] for member in members)
+    assert trained.metadata["training_curves"].value.count("data:image/png;base64,") == 2
+    champion = result.asset_materializations_for_node(f"{task}_champion")[0].metadata["champion"].value
+
+    from hema_pipeline.modeling.registry import load_model
+    from hema_pipeline.storage.object_store import LocalObjectStore
+
+    warehouse = Warehouse(env.warehouse)
+    loaded = load_model(LocalObjectStore(env.lake), warehouse, task, champion)
+    assert loaded.card.architecture["ensemble_members"] == 2
+    assert {"m0_stage0_block0_conv", "m1_stage0_block0_conv"} <= {layer.name for layer in loaded.model.layers}
+
+    # The champion ensemble answers through `hema classify` like any model.
+    from hema_pipeline.cli import main
+
+    folder = tmp_path / "to_classify"
+    folder.mkdir()
+    for image in sorted((env.lake / "images").rglob("*.jpg"))[:4]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    output = tmp_path / "out.csv"
+    assert main(["classify", "-d", str(folder), "-o", str(output), "--task", task, "--warehouse", str(env.warehouse), "-q"]) == 0
+    with output.open() as stream:
+        table = list(csv.DictReader(stream))
+    assert len(table) == 4 and {row["predicted_class"] for row in table} <= set(loaded.card.class_names)
+    assert all(abs(sum(float(row[f"p_{name}"]) for name in loaded.card.class_names) - 1) < 1e-4 for row in table)
+
+
 def test_blocking_check_stops_datasets_on_planted_bad_rows(chain):
     env, instance = chain
     import duckdb

@@ -114,6 +114,23 @@ def test_gradcam_on_a_project_network_with_its_last_conv_in_the_functional_graph
         assert decoded.size == (64, 60)
 
 
+def test_gradcam_of_an_ensemble_explains_the_mean_score():
+    from dataclasses import replace
+
+    from hema_pipeline.modeling.networks import LAST_CONV_LAYER, build_model, combine_members, compact
+
+    keras.utils.set_random_seed(5)
+    member = build_model(compact(SIZE), 3)
+    images = prepare_images([dark_spot_png(), dark_spot_png(48, 48)], SIZE)
+    alone = GradCam(CellClassifier(member, card(("a", "b", "c"), LAST_CONV_LAYER))).maps(images, class_indices=[0, 2])
+    # Two copies of one network: the ensemble's score is the member's, so its map must be the member's.
+    twins = combine_members(replace(compact(SIZE), ensemble_members=2), [member, member])
+    together = GradCam(CellClassifier(twins, card(("a", "b", "c"), LAST_CONV_LAYER))).maps(images, class_indices=[0, 2])
+    np.testing.assert_allclose(together.logits, alone.logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(together.heatmaps, alone.heatmaps, atol=1e-4)
+    assert alone.heatmaps.std() > 0  # a map with something in it
+
+
 def test_a_layer_inside_a_nested_model_is_refused_with_the_reason():
     inner_input = keras.Input((SIZE, SIZE, 3))
     inner = keras.Model(inner_input, keras.layers.Conv2D(4, 3, name="inner_conv")(inner_input), name="backbone")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -34,10 +35,13 @@ from hema_pipeline.modeling.networks import (
     ArchitectureConfig,
     architecture_preset,
     build_model,
+    combine_members,
     dihedral_views,
     large,
     mean_over_views,
+    member_architecture,
     predict_outputs,
+    standard,
 )
 from hema_pipeline.modeling.registry import (
     MAHALANOBIS_ATTACHMENT,
@@ -56,6 +60,7 @@ from hema_pipeline.modeling.training import (
     augment_batch,
     balanced_class_weights,
     cosine_learning_rate,
+    train_ensemble,
     train_model,
     training_curves_png,
 )
@@ -128,6 +133,77 @@ def test_architecture_configs_reject_nonsense():
     ArchitectureConfig(name="x", family="residual_separable", input_size=64, widths=(8, 16, 32, 64))
     with pytest.raises(ValueError, match="unknown architecture"):
         architecture_preset("huge")
+
+
+def _perturbed(model: keras.Model, seed: int) -> keras.Model:
+    """Every weight moved off its initial value (batch-norm statistics included), so a copy that missed
+    or swapped one shows."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    return model
+
+
+@pytest.mark.parametrize("arch", [TINY, standard(64)], ids=["compact_with_dense_features", "residual_separable"])
+def test_an_ensemble_is_one_flat_model_whose_logits_are_the_members_mean(arch: ArchitectureConfig):
+    ensemble_arch = replace(arch, ensemble_members=3)
+    members = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        members.append(_perturbed(build_model(member_architecture(ensemble_arch), 2), seed))
+    ensemble = combine_members(ensemble_arch, members)
+    images = squares(6, seed=3)[0] if arch.input_size == SIZE else np.random.default_rng(4).uniform(0, 255, (6, 64, 64, 3))
+    member_outputs = [predict_outputs(member, images.astype(np.float32)) for member in members]
+    reloaded = model_from_bytes(model_to_bytes(ensemble))
+    for model in (ensemble, reloaded):
+        outputs = predict_outputs(model, images.astype(np.float32))
+        np.testing.assert_allclose(outputs.logits, np.mean([o.logits for o in member_outputs], axis=0), rtol=1e-4, atol=1e-4)
+        # The members' feature vectors side by side (a compact member's dense layer stays block-diagonal).
+        np.testing.assert_allclose(outputs.features, np.concatenate([o.features for o in member_outputs], axis=1), atol=1e-4)
+        assert model.get_layer(LAST_CONV_LAYER).output.shape[-1] == 3 * members[0].get_layer(LAST_CONV_LAYER).output.shape[-1]
+        assert not any(isinstance(layer, keras.Model) for layer in model.layers)  # flat: every layer addressable
+
+
+def test_ensembles_are_built_only_from_their_members():
+    ensemble_arch = replace(TINY, ensemble_members=2)
+    with pytest.raises(ValueError, match="combine_members"):
+        build_model(ensemble_arch, 2)
+    with pytest.raises(ValueError, match="2 ensemble members, got 1"):
+        combine_members(ensemble_arch, [build_model(TINY, 2)])
+    with pytest.raises(ValueError, match="ensemble_members must be at least 1"):
+        replace(TINY, ensemble_members=0)
+    with pytest.raises(ValueError, match="cannot be ensembled"):
+        replace(large(), ensemble_members=2)
+    single = build_model(TINY, 2)
+    assert combine_members(TINY, [single]) is single
+
+
+def test_train_ensemble_trains_independent_members_and_keeps_their_mean(tmp_path: Path):
+    arch = replace(TINY, ensemble_members=2)
+    config = replace(TINY_TRAINING, epochs=3)
+    train, validation = squares(96, seed=11), squares(48, seed=12)
+    asked_for: list[int] = []
+
+    def member_training_data(member: int):
+        asked_for.append(member)
+        return dataset(*train), None
+
+    result = train_ensemble(arch, config, member_training_data, dataset(*validation), CLASSES, tmp_path)
+    assert asked_for == [0, 1]
+    assert result.member_seeds == (config.seed, config.seed + 1)
+    assert [summary["seed"] for summary in result.member_summaries()] == [config.seed, config.seed + 1]
+    assert all((tmp_path / f"member{index}" / CHECKPOINT_FILE_NAME).exists() for index in (1, 2))
+    assert result.epochs_run == sum(member.epochs_run for member in result.members)
+    first, second = (member.model for member in result.members)
+    assert not np.allclose(first.get_layer(LOGITS_LAYER).get_weights()[0], second.get_layer(LOGITS_LAYER).get_weights()[0])
+    outputs = predict_outputs(result.model, dataset(*validation))
+    expected = np.mean([predict_outputs(member, dataset(*validation)).logits for member in (first, second)], axis=0)
+    np.testing.assert_allclose(outputs.logits, expected, rtol=1e-4, atol=1e-4)
+    assert result.best_val_accuracy == pytest.approx(float(np.mean(outputs.logits.argmax(axis=1) == validation[1])))
+
+    alone = train_ensemble(TINY, config, member_training_data, dataset(*validation), CLASSES, tmp_path / "alone")
+    assert alone.model is alone.members[0].model and alone.best_val_accuracy == alone.members[0].best_val_accuracy
 
 
 def test_tiny_training_run_on_the_cpu(trained: TrainingResult):

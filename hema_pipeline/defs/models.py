@@ -33,10 +33,10 @@ class TrainedModelHandle:
     model_key: str  # the .keras bytes in the lake, content-addressed
     architecture: dict
     training_config: dict
-    training_seconds: float
+    training_seconds: float  # all ensemble members together
     device: str
-    epochs_run: int
-    best_val_accuracy: float
+    epochs_run: int  # all ensemble members together
+    best_val_accuracy: float  # of the stored model (the ensemble's, for an ensemble)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class TrainingRunConfig(dg.Config):
     learning_rate: float = 2e-3
     early_stopping_patience: int = 25
     seed: int = 20260101
+    # >1: a deep ensemble of that many networks, each trained as above with its own weight seed and sample
+    # order, stored as one model averaging their logits. Training and prediction cost grow in proportion.
+    ensemble_members: int = 1
 
 
 class CalibrationConfig(dg.Config):
@@ -176,13 +179,14 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
     ) -> dg.Output[TrainedModelHandle]:
         from hema_pipeline.modeling.networks import architecture_preset
         from hema_pipeline.modeling.registry import model_to_bytes, sha256_hex
-        from hema_pipeline.modeling.training import TrainingConfig, train_model, training_batch_size, training_curves_png
+        from hema_pipeline.modeling.training import TrainingConfig, train_ensemble, training_batch_size, training_curves_png
 
         lake = storage.lake()
         reader = _SplitReader(dataset, lake)
         dataset_config = dataset.config
         arch = architecture_preset(config.architecture or task.architecture_hint, dataset_config.image_size)
-        arch = type(arch)(**{**asdict(arch), "pixel_range": 1.0})  # the input pipeline yields [0, 1] floats
+        # The input pipeline yields [0, 1] floats.
+        arch = type(arch)(**{**asdict(arch), "pixel_range": 1.0, "ensemble_members": config.ensemble_members})
         training_config = TrainingConfig(
             epochs=config.epochs,
             batch_size=config.batch_size,
@@ -193,26 +197,25 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             augment=False,  # the dataset's configured augmentation runs in the input pipeline
         )
         train_paths, train_labels = reader.inputs(TRAIN)
-        stream = training_stream(
-            train_paths,
-            train_labels,
-            len(dataset.classes),
-            image_size=dataset_config.image_size,
-            batch_size=training_batch_size(training_config),
-            augmentation=dataset_config.augmentation,
-            balance_classes=dataset_config.balance_classes,
-            seed=dataset_config.seed,
-            crop_fraction=dataset_config.crop_fraction,
-        )
+
+        def member_training_data(member: int):
+            stream = training_stream(
+                train_paths,
+                train_labels,
+                len(dataset.classes),
+                image_size=dataset_config.image_size,
+                batch_size=training_batch_size(training_config),
+                augmentation=dataset_config.augmentation,
+                balance_classes=dataset_config.balance_classes,
+                # Member 0 draws the dataset's own sample order; the others their own, for diversity.
+                seed=dataset_config.seed + member,
+                crop_fraction=dataset_config.crop_fraction,
+            )
+            return stream.dataset, stream.steps_per_epoch
+
         with tempfile.TemporaryDirectory() as checkpoints:
-            result = train_model(
-                arch,
-                training_config,
-                stream.dataset,
-                reader.evaluation(VALIDATION),
-                dataset.classes,
-                checkpoints,
-                steps_per_epoch=stream.steps_per_epoch,
+            result = train_ensemble(
+                arch, training_config, member_training_data, reader.evaluation(VALIDATION), dataset.classes, checkpoints
             )
         model_bytes = model_to_bytes(result.model)
         key = f"models/{task_name}/trained/{sha256_hex(model_bytes)}.keras"
@@ -221,6 +224,10 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         context.log.info(
             f"{task_name}: {result.epochs_run} epochs on {result.device} in {result.seconds:.0f} s, "
             f"best validation accuracy {result.best_val_accuracy:.4f}"
+        )
+        curves = "\n\n".join(
+            _png_markdown(training_curves_png(member.history, member.best_epoch), f"training curves, member {index + 1}").value
+            for index, member in enumerate(result.members)
         )
         return dg.Output(
             TrainedModelHandle(
@@ -238,12 +245,13 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
                 "dataset_version": dataset.dataset_version,
                 "device": result.device,
                 "epochs_run": result.epochs_run,
-                "best_epoch": result.best_epoch,
+                "ensemble_members": arch.ensemble_members,
+                "members": dg.MetadataValue.json(result.member_summaries()),
                 "training_seconds": round(result.seconds, 1),
                 "best_val_accuracy": result.best_val_accuracy,
                 "parameters": int(result.model.count_params()),
                 "architecture": dg.MetadataValue.json(asdict(arch)),
-                "training_curves": _png_markdown(training_curves_png(result.history, result.best_epoch), "training curves"),
+                "training_curves": dg.MetadataValue.md(curves),
                 "artifact": dg.MetadataValue.path(lake.uri(key)),
             },
             data_version=dg.DataVersion(key.rsplit("/", 1)[-1].removesuffix(".keras")[:16]),

@@ -16,9 +16,9 @@ Only stock Keras layers are used, so a saved ``.keras`` file loads without custo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import keras
@@ -54,6 +54,9 @@ class ArchitectureConfig:
     dropout: float = 0.0
     backbone: str | None = None  # keras_application only: one of APPLICATION_BACKBONES
     pixel_range: float = 255.0  # inputs are expected in [0, pixel_range]
+    # >1: that many networks of this shape, trained independently (different seeds and sample orders) and
+    # combined by ``combine_members`` into one model whose logits are their mean (a deep ensemble).
+    ensemble_members: int = 1
 
     def __post_init__(self) -> None:
         if self.input_size < 8:
@@ -62,9 +65,14 @@ class ArchitectureConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pixel_range <= 0:
             raise ValueError("pixel_range must be positive")
+        if self.ensemble_members < 1:
+            raise ValueError(f"ensemble_members must be at least 1, got {self.ensemble_members}")
         if self.family == "keras_application":
             if self.backbone not in APPLICATION_BACKBONES:
                 raise ValueError(f"backbone must be one of {APPLICATION_BACKBONES}, got {self.backbone!r}")
+            if self.ensemble_members > 1:
+                # A Keras application's layer names are fixed, so two copies cannot share one flat graph.
+                raise ValueError("keras_application networks cannot be ensembled (ensemble_members must be 1)")
         else:
             if not self.widths or any(width <= 0 for width in self.widths):
                 raise ValueError(f"{self.family} needs positive stage widths, got {self.widths}")
@@ -153,19 +161,86 @@ def _dtype_policy(policy_name: str) -> Iterator[None]:
 
 def build_model(arch: ArchitectureConfig, num_classes: int, mixed_precision: bool = False) -> keras.Model:
     """A fresh, uncompiled classifier with ``num_classes`` logits (binary tasks get two logits, so every
-    task shares the softmax maths downstream)."""
-    if num_classes < 2:
-        raise ValueError("a classifier needs at least two classes")
+    task shares the softmax maths downstream). An ensemble is not built fresh: train each
+    ``member_architecture(arch)`` network on its own and join them with ``combine_members``."""
+    if arch.ensemble_members > 1:
+        raise ValueError(
+            f"{arch.name} is an ensemble of {arch.ensemble_members}: train member_architecture(arch) networks "
+            "and join them with combine_members"
+        )
+    return _build_graph(arch, num_classes, mixed_precision)
+
+
+def member_architecture(arch: ArchitectureConfig) -> ArchitectureConfig:
+    """The single network each member of ``arch``'s ensemble is (``arch`` itself when it has one member)."""
+    return replace(arch, ensemble_members=1)
+
+
+def combine_members(arch: ArchitectureConfig, members: Sequence[keras.Model], mixed_precision: bool = False) -> keras.Model:
+    """One flat model computing the mean of the members' logits, exactly, with the usual contract.
+
+    Every member's layers are copied under an ``m<i>_`` prefix up to its last spatial map; the maps are
+    concatenated into ``last_conv`` (so Grad-CAM explains the ensemble's score), pooled into ``features``
+    (the members' feature vectors side by side), and ``logits`` is one dense layer whose kernel stacks the
+    members' kernels divided by their number: ``W·[f_1; ...; f_n] / n = mean_i W_i·f_i``. A compact
+    member's dense feature layer becomes a block-diagonal one for the same reason. One graph rather than
+    nested models keeps every layer addressable by name, and a saved ensemble loads like any model."""
+    if len(members) != arch.ensemble_members:
+        raise ValueError(f"{arch.name} has {arch.ensemble_members} ensemble members, got {len(members)} models")
+    if arch.ensemble_members == 1:
+        return members[0]
+    num_classes = int(members[0].get_layer(LOGITS_LAYER).output.shape[-1])
+    ensemble = _build_graph(arch, num_classes, mixed_precision)
+    count = len(members)
+    head_layers = {LOGITS_LAYER, FEATURES_LAYER}
+    for index, member in enumerate(members):
+        if int(member.get_layer(LOGITS_LAYER).output.shape[-1]) != num_classes:
+            raise ValueError(f"ensemble member {index} has a different number of classes")
+        for layer in member.layers:
+            if layer.name not in head_layers and layer.weights:
+                ensemble.get_layer(_member_prefix(index, count) + layer.name).set_weights(layer.get_weights())
+    if arch.dense_units > 0:  # compact members: block-diagonal dense feature layer
+        kernels = [member.get_layer(FEATURES_LAYER).get_weights() for member in members]
+        units, inputs = arch.dense_units, kernels[0][0].shape[0]
+        kernel = np.zeros((inputs * count, units * count), np.float32)
+        for index, (member_kernel, _) in enumerate(kernels):
+            kernel[index * inputs : (index + 1) * inputs, index * units : (index + 1) * units] = member_kernel
+        ensemble.get_layer(FEATURES_LAYER).set_weights([kernel, np.concatenate([bias for _, bias in kernels])])
+    heads = [member.get_layer(LOGITS_LAYER).get_weights() for member in members]
+    ensemble.get_layer(LOGITS_LAYER).set_weights(
+        [np.concatenate([kernel for kernel, _ in heads]) / count, np.mean([bias for _, bias in heads], axis=0)]
+    )
+    return ensemble
+
+
+def _member_prefix(index: int, count: int) -> str:
+    return f"m{index}_" if count > 1 else ""
+
+
+def _build_graph(arch: ArchitectureConfig, num_classes: int, mixed_precision: bool) -> keras.Model:
+    count = arch.ensemble_members
     with _dtype_policy("mixed_float16" if mixed_precision else "float32"):
         inputs = keras.Input(shape=(arch.input_size, arch.input_size, 3), name="image")
         # [0, range] -> [-1, 1]: zero-centred inputs condition the first layer better than [0, 1].
         x = keras.layers.Rescaling(scale=2.0 / arch.pixel_range, offset=-1.0, name="pixel_scaling")(inputs)
         if arch.family == "compact_cnn":
-            features = _compact_body(x, arch)
+            maps = [_compact_trunk(x, arch, _member_prefix(index, count)) for index in range(count)]
         elif arch.family == "residual_separable":
-            features = _residual_separable_body(x, arch)
+            maps = [_residual_separable_trunk(x, arch, _member_prefix(index, count)) for index in range(count)]
         else:
-            features = _application_body(x, arch)
+            maps = [_application_trunk(x, arch)]
+        x = maps[0] if count == 1 else keras.layers.Concatenate(name="member_maps")(maps)
+        # Pre-activation residual stages end on an Add; their shared final ReLU is the last spatial map.
+        final = keras.layers.ReLU if arch.family == "residual_separable" else keras.layers.Identity
+        x = final(name=LAST_CONV_LAYER)(x)
+        if arch.family == "compact_cnn":
+            x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
+            if arch.dense_units > 0:
+                features = keras.layers.Dense(arch.dense_units * count, activation="relu", name=FEATURES_LAYER)(x)
+            else:
+                features = keras.layers.Identity(name=FEATURES_LAYER)(x)
+        else:
+            features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
         if arch.dropout > 0:
             features = keras.layers.Dropout(arch.dropout, name="head_dropout")(features)
         # float32 even under mixed precision: float16 logits would make the softmax, the temperature
@@ -180,19 +255,14 @@ def _conv_bn_relu(x: Any, width: int, name: str, strides: int = 1) -> Any:
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _compact_body(x: Any, arch: ArchitectureConfig) -> Any:
+def _compact_trunk(x: Any, arch: ArchitectureConfig, prefix: str) -> Any:
     last = len(arch.widths) - 1
     for stage, width in enumerate(arch.widths):
         for block in range(arch.blocks_per_stage):
-            x = _conv_bn_relu(x, width, f"stage{stage}_block{block}")
-        if stage == last:
-            x = keras.layers.Identity(name=LAST_CONV_LAYER)(x)
-        else:
-            x = keras.layers.MaxPooling2D(2, name=f"stage{stage}_pool")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
-    if arch.dense_units > 0:
-        return keras.layers.Dense(arch.dense_units, activation="relu", name=FEATURES_LAYER)(x)
-    return keras.layers.Identity(name=FEATURES_LAYER)(x)
+            x = _conv_bn_relu(x, width, f"{prefix}stage{stage}_block{block}")
+        if stage != last:
+            x = keras.layers.MaxPooling2D(2, name=f"{prefix}stage{stage}_pool")(x)
+    return x
 
 
 def _separable_pair(x: Any, width: int, name: str, strides: int = 1) -> Any:
@@ -207,11 +277,11 @@ def _separable_pair(x: Any, width: int, name: str, strides: int = 1) -> Any:
     return keras.layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=f"{name}_bn2")(x)
 
 
-def _residual_separable_body(x: Any, arch: ArchitectureConfig) -> Any:
+def _residual_separable_trunk(x: Any, arch: ArchitectureConfig, prefix: str) -> Any:
     # Stem: one strided full convolution; separable convolutions are poor at mixing 3 input channels.
-    x = _conv_bn_relu(x, arch.widths[0] // 2, "stem", strides=2)
+    x = _conv_bn_relu(x, arch.widths[0] // 2, f"{prefix}stem", strides=2)
     for stage, width in enumerate(arch.widths):
-        name = f"stage{stage}"
+        name = f"{prefix}stage{stage}"
         # Downsampling block: projection shortcut; the residual branch strides in its first separable
         # convolution. Xception pools after both convolutions instead, which costs twice the training
         # time on a 2-core CPU (measured at 96 px: 151 vs 319 img/s) for the same parameters.
@@ -222,11 +292,10 @@ def _residual_separable_body(x: Any, arch: ArchitectureConfig) -> Any:
         for block in range(1, arch.blocks_per_stage):
             residual = _separable_pair(x, width, f"{name}_block{block}")
             x = keras.layers.Add(name=f"{name}_block{block}_add")([x, residual])
-    x = keras.layers.ReLU(name=LAST_CONV_LAYER)(x)
-    return keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    return x
 
 
-def _application_body(x: Any, arch: ArchitectureConfig) -> Any:
+def _application_trunk(x: Any, arch: ArchitectureConfig) -> Any:
     # Passing the tensor (not calling a nested model) flattens the backbone's layers into our model,
     # so Grad-CAM and feature extraction address them by name like any other layer.
     if arch.backbone == "efficientnetv2b0":
@@ -235,8 +304,7 @@ def _application_body(x: Any, arch: ArchitectureConfig) -> Any:
         )
     else:
         backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x)
-    x = keras.layers.Identity(name=LAST_CONV_LAYER)(backbone.output)
-    return keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    return backbone.output
 
 
 # --------------------------------------------------------------------------------------------------

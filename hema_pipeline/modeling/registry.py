@@ -274,7 +274,7 @@ def model_to_bytes(model: keras.Model) -> bytes:
     is of these bytes, not of the weights."""
     import keras
 
-    if model.optimizer is not None:
+    if getattr(model, "optimizer", None) is not None:  # never compiled (an ensemble): no attribute at all
         # Rebuilt from its layer config: clone_model and model_from_json would also restore the
         # compile config, and with it the optimiser.
         uncompiled = keras.Model.from_config(model.get_config())

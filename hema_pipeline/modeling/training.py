@@ -14,8 +14,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hema_pipeline.modeling.networks import ArchitectureConfig, build_model
+from hema_pipeline.modeling.networks import (
+    ArchitectureConfig,
+    build_model,
+    combine_members,
+    member_architecture,
+    predict_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +95,96 @@ class TrainingResult:
     learning_rate: float  # peak rate actually used
     mixed_precision: bool
     checkpoint_path: Path
+
+
+@dataclass
+class EnsembleTrainingResult:
+    """``arch.ensemble_members`` networks trained one after another, and the model that averages them."""
+
+    model: keras.Model  # combine_members of the members' best-epoch models (the member itself when alone)
+    members: list[TrainingResult]
+    best_val_accuracy: float  # of ``model`` on the validation set (a lone member's best epoch)
+    member_seeds: tuple[int, ...]
+
+    @property
+    def seconds(self) -> float:
+        return sum(member.seconds for member in self.members)
+
+    @property
+    def epochs_run(self) -> int:
+        return sum(member.epochs_run for member in self.members)
+
+    @property
+    def device(self) -> Literal["GPU", "CPU"]:
+        return self.members[0].device
+
+    def member_summaries(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "member": index + 1,
+                "seed": int(seed),
+                "epochs_run": member.epochs_run,
+                "best_epoch": member.best_epoch,
+                "best_val_accuracy": member.best_val_accuracy,
+                "seconds": round(member.seconds, 1),
+            }
+            for index, (member, seed) in enumerate(zip(self.members, self.member_seeds, strict=True))
+        ]
+
+
+# A member's training data: (dataset, steps_per_epoch) as train_model takes them, given the member index.
+MemberTrainingData = Callable[[int], tuple[tf.data.Dataset, int | None]]
+
+
+def member_seed(config: TrainingConfig, member: int) -> int:
+    """Member 0 keeps the configured seed, so a one-member "ensemble" is exactly the single network."""
+    return config.seed + member
+
+
+def train_ensemble(
+    arch: ArchitectureConfig,
+    config: TrainingConfig,
+    member_training_data: MemberTrainingData,
+    val_ds: tf.data.Dataset,
+    class_names: Sequence[str],
+    checkpoint_dir: str | os.PathLike[str],
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> EnsembleTrainingResult:
+    """Train ``arch.ensemble_members`` networks of ``member_architecture(arch)`` independently (weight seed
+    ``member_seed``, and whatever sample order ``member_training_data`` gives each), each early-stopped
+    on the validation set as ``train_model`` does, and combine them into one model averaging their logits.
+
+    Independent members, not one network trained on the averaged output: a jointly trained average lets
+    its parts co-adapt and loses most of the variance reduction an ensemble is for."""
+    count = arch.ensemble_members
+    members: list[TrainingResult] = []
+    seeds = tuple(member_seed(config, index) for index in range(count))
+    for index, seed in enumerate(seeds):
+        if count > 1:
+            logger.info("ensemble member %d of %d (seed %d)", index + 1, count, seed)
+        train_ds, steps_per_epoch = member_training_data(index)
+        members.append(
+            train_model(
+                member_architecture(arch),
+                replace(config, seed=seed),
+                train_ds,
+                val_ds,
+                class_names,
+                Path(checkpoint_dir) / f"member{index + 1}",
+                callbacks=callbacks,
+                steps_per_epoch=steps_per_epoch,
+            )
+        )
+    if count == 1:
+        return EnsembleTrainingResult(members[0].model, members, members[0].best_val_accuracy, seeds)
+    model = combine_members(arch, [member.model for member in members], mixed_precision=members[0].mixed_precision)
+    outputs = predict_outputs(model, val_ds)
+    accuracy = float(np.mean(np.argmax(outputs.logits, axis=1) == outputs.labels))
+    logger.info(
+        "ensemble of %d: validation accuracy %.4f (members %s)",
+        count, accuracy, ", ".join(f"{member.best_val_accuracy:.4f}" for member in members),
+    )
+    return EnsembleTrainingResult(model, members, accuracy, seeds)
 
 
 def training_device() -> Literal["GPU", "CPU"]:
