@@ -38,6 +38,7 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,6 +262,51 @@ def train_and_calibrate(
     return trained_output, calibration_output
 
 
+@contextmanager
+def recording_ensemble_members():
+    """Keep the networks an ensemble is combined from, so each can also be scored alone on the same test
+    split. The asset stores only the combined model; this wraps ``training.train_ensemble`` (which the
+    asset looks up when it runs) without changing what it returns."""
+    from hema_pipeline.modeling import training
+
+    original = training.train_ensemble
+    members: list = []
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        members[:] = [member.model for member in result.members]
+        return result
+
+    training.train_ensemble = recording
+    try:
+        yield members
+    finally:
+        training.train_ensemble = original
+
+
+def test_accuracies(prepared: PreparedData, models: list, test_time_views: int) -> list[float]:
+    """Each model's test accuracy over the same views the registered model was evaluated with."""
+    import numpy as np
+
+    from hema_pipeline.datasets.input_pipeline import evaluation_dataset, resolve_local_image_paths, split_inputs
+    from hema_pipeline.datasets.splits import TEST
+    from hema_pipeline.modeling.networks import predict_outputs
+    from hema_pipeline.storage.object_store import LocalObjectStore
+
+    lake = LocalObjectStore(prepared.lake_url)
+    manifest = prepared.dataset.manifest(lake)
+    keys = sorted(set(manifest["image_key"]))
+    paths_by_key = dict(zip(keys, resolve_local_image_paths(lake, keys, prepared.work / "cache"), strict=True))
+    paths, labels = split_inputs(manifest, TEST, paths_by_key)
+    config = prepared.dataset.config
+    images = evaluation_dataset(paths, labels, image_size=config.image_size, crop_fraction=config.crop_fraction)
+    accuracies = []
+    for model in models:
+        outputs = predict_outputs(model, images, test_time_views=test_time_views)
+        accuracies.append(float(np.mean(outputs.logits.argmax(axis=1) == outputs.labels)))
+    return accuracies
+
+
 def register(prepared: PreparedData, trained, calibrated):
     """Run the pbc8_model asset body: test evaluation, calibration report, referral outcome, registration."""
     import dagster as dg
@@ -290,6 +336,7 @@ def markdown_report(summary: dict) -> str:
     m = summary["metrics"]
     epochs_per_member = ", ".join(f"{member['epochs_run']} ({member['best_epoch']})" for member in summary["members"])
     val_accuracy_per_member = ", ".join(f"{member['best_val_accuracy']:.4f}" for member in summary["members"])
+    test_accuracy_per_member = ", ".join(f"{member['test_accuracy']:.4f}" for member in summary["members"] if "test_accuracy" in member) or "n/a (one network)"
     lines = [
         "| figure | value |",
         "|---|---:|",
@@ -309,6 +356,7 @@ def markdown_report(summary: dict) -> str:
         f"| ensemble members | {summary['ensemble_members']} |",
         f"| epochs run (best epoch), per member | {epochs_per_member} |",
         f"| best validation accuracy, per member | {val_accuracy_per_member} |",
+        f"| test accuracy of each member alone | {test_accuracy_per_member} |",
         f"| validation accuracy of the stored model | {summary['best_val_accuracy']:.4f} |",
         f"| architecture / image size / parameters | {summary['architecture']} / {summary['image_size']} px / {summary['parameters']:,} |",
         f"| centre crop / test-time views | {summary['crop_fraction']} / {summary['test_time_views']} |",
@@ -366,20 +414,22 @@ def main() -> None:
             near_duplicate_check=not args.skip_near_duplicates,
             crop_fraction=args.crop_fraction,
         )
-        trained_output, calibration_output = train_and_calibrate(
-            prepared,
-            prepared.dataset,
-            args.architecture,
-            args.epochs,
-            args.patience,
-            args.train_seed,
-            args.test_time_views,
-            args.ensemble_members,
-        )
+        with recording_ensemble_members() as members:
+            trained_output, calibration_output = train_and_calibrate(
+                prepared,
+                prepared.dataset,
+                args.architecture,
+                args.epochs,
+                args.patience,
+                args.train_seed,
+                args.test_time_views,
+                args.ensemble_members,
+            )
         trained, calibrated = trained_output.value, calibration_output.value
         started = time.perf_counter()
         registered = register(prepared, trained, calibrated)
         evaluate_seconds = time.perf_counter() - started
+        member_accuracies = test_accuracies(prepared, members, calibrated.test_time_views) if len(members) > 1 else []
         card = registered.value
 
     metadata = trained_output.metadata
@@ -394,7 +444,13 @@ def main() -> None:
         "parameters": int(metadata["parameters"].value if hasattr(metadata["parameters"], "value") else metadata["parameters"]),
         "epochs_requested": trained.training_config["epochs"],
         "ensemble_members": trained.architecture["ensemble_members"],
-        "members": metadata["members"].value,  # per member: seed, epochs run, best epoch, validation accuracy
+        # Per member: seed, epochs run, best epoch, validation accuracy (and, in an ensemble, its own test accuracy).
+        "members": [
+            {**member, **({"test_accuracy": accuracy} if accuracy is not None else {})}
+            for member, accuracy in zip(
+                metadata["members"].value, member_accuracies or [None] * len(metadata["members"].value), strict=True
+            )
+        ],
         "best_val_accuracy": trained.best_val_accuracy,
         "training_seconds": trained.training_seconds,
         "max_per_class": args.max_per_class,
