@@ -3,11 +3,13 @@ seed-style loop (PIL load + ``model.predict`` one image at a time) over the same
 the time from a new smear in the inbox to its predictions in DuckDB.
 
     .venv/bin/python benchmarks/inference_throughput.py [--smears 12] [--cells-per-smear 100] \
-        [--epochs 8] [--image-size 64] [--test-time-views 8] [--latency-cells 200] [--out /tmp/inference.json] [--keep]
+        [--epochs 8] [--image-size 64] [--test-time-views 8] [--ensemble-members 1] [--latency-cells 200] \
+        [--out /tmp/inference.json] [--keep]
 
 Setup (not timed into any figure): a temporary HEMA_HOME with a synthetic export (fake patients), imported
 and trained through Dagster as ``hema_pipeline/demo.py`` does (the three prediction tasks, short CPU
-training). Then, with the registered ``pbc8`` champion and every imported cell image (copied from the
+training; ``--ensemble-members`` n makes the pbc8 champion an ensemble of n networks). Then, with the
+registered ``pbc8`` champion and every imported cell image (copied from the
 content-addressed store into one folder):
 
 1. ``hema classify`` three ways: a fresh process (Python start, TensorFlow import, model load, all
@@ -120,6 +122,8 @@ def import_and_train(args: argparse.Namespace) -> dict:
     )
     config = _demo_training_config(args.image_size, args.epochs)
     config["loggers"] = QUIET["loggers"]
+    if args.ensemble_members is not None:
+        config["ops"]["pbc8_trained_model"]["config"]["ensemble_members"] = args.ensemble_members
     if args.test_time_views is not None:  # the views each champion is calibrated, and so used, with
         for task in DEMO_TASKS:
             config["ops"][f"{task}_calibration"] = {"config": {"test_time_views": args.test_time_views}}
@@ -292,6 +296,9 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument(
         "--test-time-views", type=int, default=None, help="views per cell of every champion (CalibrationConfig default)"
+    )
+    parser.add_argument(
+        "--ensemble-members", type=int, default=None, help="networks in the pbc8 champion (TrainingRunConfig default)"
     )
     parser.add_argument("--images", type=int, default=0, help="cap on images for classify / seed loop (0: every imported cell)")
     parser.add_argument("--latency-cells", type=int, default=200)
