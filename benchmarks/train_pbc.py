@@ -285,24 +285,18 @@ def recording_ensemble_members():
 
 
 def test_accuracies(prepared: PreparedData, models: list, test_time_views: int) -> list[float]:
-    """Each model's test accuracy over the same views the registered model was evaluated with."""
+    """Each model's test accuracy, through the same reader, preprocessing and views the ``pbc8_model`` asset
+    evaluates the registered model with."""
     import numpy as np
 
-    from hema_pipeline.datasets.input_pipeline import evaluation_dataset, resolve_local_image_paths, split_inputs
     from hema_pipeline.datasets.splits import TEST
-    from hema_pipeline.modeling.networks import predict_outputs
-    from hema_pipeline.storage.object_store import LocalObjectStore
+    from hema_pipeline.defs.models import _outputs, _SplitReader
 
-    lake = LocalObjectStore(prepared.lake_url)
-    manifest = prepared.dataset.manifest(lake)
-    keys = sorted(set(manifest["image_key"]))
-    paths_by_key = dict(zip(keys, resolve_local_image_paths(lake, keys, prepared.work / "cache"), strict=True))
-    paths, labels = split_inputs(manifest, TEST, paths_by_key)
-    config = prepared.dataset.config
-    images = evaluation_dataset(paths, labels, image_size=config.image_size, crop_fraction=config.crop_fraction)
+    storage, _ = storage_resources(prepared)
+    reader = _SplitReader(prepared.dataset, storage.lake())
     accuracies = []
     for model in models:
-        outputs = predict_outputs(model, images, test_time_views=test_time_views)
+        outputs = _outputs(model, reader, TEST, test_time_views)
         accuracies.append(float(np.mean(outputs.logits.argmax(axis=1) == outputs.labels)))
     return accuracies
 
