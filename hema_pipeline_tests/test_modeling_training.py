@@ -206,64 +206,6 @@ def test_train_ensemble_trains_independent_members_and_keeps_their_mean(tmp_path
     assert alone.model is alone.members[0].model and alone.best_val_accuracy == alone.members[0].best_val_accuracy
 
 
-def _float_variables(model: keras.Model) -> list[np.ndarray]:
-    variables = [*model.trainable_variables, *model.non_trainable_variables]
-    return [np.array(variable) for variable in variables if variable.dtype.startswith("float")]
-
-
-class _RawVariablesPerStep(keras.callbacks.Callback):
-    """The model's weights and batch-norm statistics before training and after every optimizer step (the
-    raw ones: within an epoch the model holds them), and how many steps had run at each epoch's end."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.initial: list[np.ndarray] = []
-        self.steps: list[list[np.ndarray]] = []
-        self.steps_at_epoch_end: list[int] = []
-
-    def on_train_begin(self, logs=None) -> None:
-        self.initial = _float_variables(self.model)
-
-    def on_train_batch_end(self, batch, logs=None) -> None:
-        self.steps.append(_float_variables(self.model))
-
-    def on_epoch_end(self, epoch, logs=None) -> None:
-        self.steps_at_epoch_end.append(len(self.steps))
-
-
-def test_weight_averaging_validates_keeps_and_returns_the_averaged_model(tmp_path: Path):
-    momentum = 0.8
-    config = replace(TINY_TRAINING, epochs=4, early_stopping_patience=4, weight_averaging_momentum=momentum)
-    train, validation = squares(96, seed=21), squares(48, seed=22)
-    recorder = _RawVariablesPerStep()
-    result = train_model(TINY, config, dataset(*train), dataset(*validation), CLASSES, tmp_path, callbacks=[recorder])
-
-    # The moving average recomputed from the raw variables of every step, with TensorFlow's ramped decay.
-    averages, averages_at_epoch_end = recorder.initial, []
-    for step, variables in enumerate(recorder.steps):
-        decay = min(momentum, (1 + step) / (10 + step))
-        averages = [decay * a + (1 - decay) * v for a, v in zip(averages, variables, strict=True)]
-        if step + 1 in recorder.steps_at_epoch_end:
-            averages_at_epoch_end.append(averages)
-    best = result.best_epoch
-    kept = _float_variables(result.model)
-    assert len(kept) > len(result.model.trainable_variables)  # batch-norm statistics are averaged too
-    for kept_variable, expected in zip(kept, averages_at_epoch_end[best - 1], strict=True):
-        np.testing.assert_allclose(kept_variable, expected, rtol=1e-4, atol=1e-5)
-    raw_at_best = recorder.steps[recorder.steps_at_epoch_end[best - 1] - 1]
-    assert not all(np.allclose(k, r) for k, r in zip(kept, raw_at_best, strict=True))
-
-    # What was validated during training is what was kept, and what the checkpoint holds.
-    validation_loss = keras.losses.CategoricalCrossentropy(from_logits=True)(
-        keras.ops.one_hot(validation[1], 2), predict_outputs(result.model, dataset(*validation)).logits
-    )
-    assert float(validation_loss) == pytest.approx(result.history["val_loss"][best - 1], rel=1e-3)
-    for saved, kept_variable in zip(_float_variables(keras.saving.load_model(result.checkpoint_path)), kept, strict=True):
-        np.testing.assert_allclose(saved, kept_variable, rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="weight_averaging_momentum"):
-        TrainingConfig(weight_averaging_momentum=1.0)
-
-
 def test_tiny_training_run_on_the_cpu(trained: TrainingResult):
     assert trained.device == "CPU" and not trained.mixed_precision
     assert trained.batch_size == TINY_TRAINING.batch_size

@@ -53,10 +53,10 @@ class TrainingConfig:
     # 0 by default: label smoothing erases the logit information that post-hoc temperature scaling and
     # the energy OOD score rely on (Müller et al. 2019), and calibration is done afterwards anyway.
     label_smoothing: float = 0.0
-    # Polyak averaging: > 0 keeps an exponential moving average of the model's variables (this momentum per
-    # optimizer step, ramped up from the start as TensorFlow's ExponentialMovingAverage does) and validates,
-    # early-stops, checkpoints and returns the average. Late in training the weights wander around a minimum
-    # from batch to batch; their average sits nearer its centre. 0: the weights as the optimizer left them.
+    # Polyak averaging: > 0 keeps an exponential moving average of the weights (this momentum per optimizer
+    # step) and validates, early-stops, checkpoints and returns the averaged weights. Late in training the
+    # raw weights wander around a minimum from batch to batch; their average sits nearer its centre.
+    # 0: the raw weights. Batch-norm statistics are not averaged (they already are moving averages).
     weight_averaging_momentum: float = 0.0
     clip_norm: float | None = None
     early_stopping_patience: int = 8
@@ -264,8 +264,13 @@ def train_model(
     val_batches = _prepare_dataset(val_ds, arch, config, num_classes, batch_size, None, training=False)
 
     model = build_model(arch, num_classes, mixed_precision=mixed_precision)
+    averaging = config.weight_averaging_momentum > 0
     optimizer = keras.optimizers.AdamW(
-        learning_rate=learning_rate, weight_decay=config.weight_decay, clipnorm=config.clip_norm
+        learning_rate=learning_rate,
+        weight_decay=config.weight_decay,
+        clipnorm=config.clip_norm,
+        use_ema=averaging,
+        ema_momentum=config.weight_averaging_momentum if averaging else 0.99,
     )
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(
@@ -282,8 +287,10 @@ def train_model(
     all_callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.TerminateOnNaN(),
         _schedule_callback(config, learning_rate),
-        # Before early stopping and the checkpoint, so that they see (keep, save) the averaged model.
-        *([WeightAveraging(config.weight_averaging_momentum)] if config.weight_averaging_momentum > 0 else []),
+        # Must come before early stopping and the checkpoint: from each epoch's end to the next epoch's
+        # start (validation included) the model holds the averaged weights, so those are what is
+        # validated, kept as best and saved; early stopping restores the best of them when training ends.
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if averaging else []),
         keras.callbacks.EarlyStopping(
             monitor=config.monitor, mode=mode, patience=config.early_stopping_patience, restore_best_weights=True
         ),
@@ -462,69 +469,6 @@ def cosine_learning_rate(epoch: int, epochs: int, peak_rate: float, warmup_epoch
     decay_epochs = max(1, epochs - warmup_epochs - 1)
     progress = min(1.0, (epoch - warmup_epochs) / decay_epochs)
     return floor + (peak_rate - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class WeightAveraging(keras.callbacks.Callback):
-    """Exponential moving average of every floating-point variable of the model, batch-norm statistics
-    included, updated after each optimizer step; the model holds the average from the start of each
-    validation to the start of the next epoch, so validation, the callbacks after this one (early
-    stopping, checkpoint) and whatever ``fit`` returns see the averaged model, and the optimizer only ever
-    steps the raw weights.
-
-    Keras's own ``use_ema`` averages the trainable weights only: averaged weights then meet batch-norm
-    statistics gathered under different (raw) weights, which is measurably wrong early in training. The
-    decay ramps up as ``tf.train.ExponentialMovingAverage``'s ``num_updates`` does,
-    ``min(momentum, (1 + t) / (10 + t))`` at step ``t``, so the average does not drag the random
-    initialisation along for thousands of steps."""
-
-    def __init__(self, momentum: float) -> None:
-        super().__init__()
-        if not 0 < momentum < 1:
-            raise ValueError(f"momentum must be in (0, 1), got {momentum}")
-        self.momentum = momentum
-        self.updates = 0
-        self._variables: list[tf.Variable] = []
-        self._averages: list[tf.Variable] = []
-        self._averages_in_model = False
-
-    @staticmethod
-    def decay(momentum: float, step: int) -> float:
-        return min(momentum, (1.0 + step) / (10.0 + step))
-
-    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        variables = [*self.model.trainable_variables, *self.model.non_trainable_variables]
-        self._variables = [variable.value for variable in variables if variable.dtype.startswith("float")]
-        self._averages = [tf.Variable(tf.identity(variable), trainable=False) for variable in self._variables]
-        self._averages_in_model = False
-        self.updates = 0
-
-    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
-        self._update(tf.constant(self.decay(self.momentum, self.updates), tf.float32))
-        self.updates += 1
-
-    @tf.function
-    def _update(self, decay: tf.Tensor) -> None:
-        for variable, average in zip(self._variables, self._averages, strict=True):
-            average.assign(decay * average + (1.0 - decay) * tf.cast(variable, average.dtype))
-
-    def _swap(self) -> None:
-        for variable, average in zip(self._variables, self._averages, strict=True):
-            held = tf.identity(variable)
-            variable.assign(average)
-            average.assign(held)
-        self._averages_in_model = not self._averages_in_model
-
-    def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        if not self._averages_in_model:
-            self._swap()
-
-    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        if not self._averages_in_model:
-            self._swap()
-
-    def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        if self._averages_in_model:
-            self._swap()
 
 
 class _EpochLogger(keras.callbacks.Callback):
