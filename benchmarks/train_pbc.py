@@ -229,7 +229,6 @@ def train_and_calibrate(
     train_seed: int,
     test_time_views: int | None = None,
     ensemble_members: int | None = None,
-    weight_averaging_momentum: float | None = None,
 ):
     """Run the pbc8_trained_model and pbc8_calibration asset bodies on ``dataset`` (a DatasetHandle)."""
     import dagster as dg
@@ -239,17 +238,14 @@ def train_and_calibrate(
     storage, _ = storage_resources(prepared)
     trained_output = asset_by_name("pbc8_trained_model")(
         dg.build_asset_context(),
-        # Settings left out (None) take TrainingRunConfig's defaults, as the asset would.
+        # Epochs, patience and ensemble size left out take TrainingRunConfig's defaults, as the asset would.
         config=TrainingRunConfig(
             architecture=architecture,
             seed=train_seed,
             **{
                 name: value
                 for name, value in (
-                    ("epochs", epochs),
-                    ("early_stopping_patience", patience),
-                    ("ensemble_members", ensemble_members),
-                    ("weight_averaging_momentum", weight_averaging_momentum),
+                    ("epochs", epochs), ("early_stopping_patience", patience), ("ensemble_members", ensemble_members)
                 )
                 if value is not None
             },
@@ -352,7 +348,6 @@ def markdown_report(summary: dict) -> str:
         f"| energy OOD threshold (keeps 95% of calibration cells) | {summary['ood']['threshold']:.4f} |",
         f"| training seconds | {summary['training_seconds']:.0f} |",
         f"| ensemble members | {summary['ensemble_members']} |",
-        f"| weight averaging momentum (0: off) | {summary['weight_averaging_momentum']} |",
         f"| epochs run (best epoch), per member | {epochs_per_member} |",
         f"| best validation accuracy, per member | {val_accuracy_per_member} |",
         f"| test accuracy of each member alone | {test_accuracy_per_member} |",
@@ -387,12 +382,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--ensemble-members", type=int, default=None, help="networks averaged in the model (TrainingRunConfig default)"
-    )
-    parser.add_argument(
-        "--weight-averaging-momentum",
-        type=float,
-        default=None,
-        help="per-step momentum of the weights' moving average; 0 off (TrainingRunConfig default)",
     )
     parser.add_argument("--seed", type=int, default=0, help="export, split and training-stream seed")
     parser.add_argument("--train-seed", type=int, default=20260101, help="weight-initialisation seed (TrainingRunConfig)")
@@ -429,7 +418,6 @@ def main() -> None:
                 args.train_seed,
                 args.test_time_views,
                 args.ensemble_members,
-                args.weight_averaging_momentum,
             )
         trained, calibrated = trained_output.value, calibration_output.value
         started = time.perf_counter()
@@ -449,7 +437,6 @@ def main() -> None:
         "test_time_views": calibrated.test_time_views,
         "parameters": int(metadata["parameters"].value if hasattr(metadata["parameters"], "value") else metadata["parameters"]),
         "epochs_requested": trained.training_config["epochs"],
-        "weight_averaging_momentum": trained.training_config["weight_averaging_momentum"],
         "ensemble_members": trained.architecture["ensemble_members"],
         # Per member: seed, epochs run, best epoch, validation accuracy (and, in an ensemble, its own test accuracy).
         "members": [

@@ -61,9 +61,6 @@ class TrainingRunConfig(dg.Config):
     learning_rate: float = 2e-3
     early_stopping_patience: int = 25
     seed: int = 20260101
-    # > 0: validate, keep and store an exponential moving average of the weights, with this momentum per
-    # optimizer step (0.999: about the last 1,000 steps, ~10 epochs of pbc8); 0: the raw weights.
-    weight_averaging_momentum: float = 0.0
     # >1: a deep ensemble of that many networks, each trained as above with its own weight seed and sample
     # order, stored as one model averaging their logits. Training and prediction cost grow in proportion.
     ensemble_members: int = 1
@@ -197,7 +194,6 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             learning_rate=config.learning_rate,
             early_stopping_patience=config.early_stopping_patience,
             seed=config.seed,
-            weight_averaging_momentum=config.weight_averaging_momentum,
             augment=False,  # the dataset's configured augmentation runs in the input pipeline
         )
         train_paths, train_labels = reader.inputs(TRAIN)

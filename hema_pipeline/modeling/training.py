@@ -53,11 +53,6 @@ class TrainingConfig:
     # 0 by default: label smoothing erases the logit information that post-hoc temperature scaling and
     # the energy OOD score rely on (Müller et al. 2019), and calibration is done afterwards anyway.
     label_smoothing: float = 0.0
-    # Polyak averaging: > 0 keeps an exponential moving average of the weights (this momentum per optimizer
-    # step) and validates, early-stops, checkpoints and returns the averaged weights. Late in training the
-    # raw weights wander around a minimum from batch to batch; their average sits nearer its centre.
-    # 0: the raw weights. Batch-norm statistics are not averaged (they already are moving averages).
-    weight_averaging_momentum: float = 0.0
     clip_norm: float | None = None
     early_stopping_patience: int = 8
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
@@ -78,8 +73,6 @@ class TrainingConfig:
             raise ValueError("colour_jitter must be in [0, 1)")
         if self.early_stopping_patience < 1:
             raise ValueError("early_stopping_patience must be at least 1")
-        if not 0 <= self.weight_averaging_momentum < 1:
-            raise ValueError("weight_averaging_momentum must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,13 +257,8 @@ def train_model(
     val_batches = _prepare_dataset(val_ds, arch, config, num_classes, batch_size, None, training=False)
 
     model = build_model(arch, num_classes, mixed_precision=mixed_precision)
-    averaging = config.weight_averaging_momentum > 0
     optimizer = keras.optimizers.AdamW(
-        learning_rate=learning_rate,
-        weight_decay=config.weight_decay,
-        clipnorm=config.clip_norm,
-        use_ema=averaging,
-        ema_momentum=config.weight_averaging_momentum if averaging else 0.99,
+        learning_rate=learning_rate, weight_decay=config.weight_decay, clipnorm=config.clip_norm
     )
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(
@@ -287,10 +275,6 @@ def train_model(
     all_callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.TerminateOnNaN(),
         _schedule_callback(config, learning_rate),
-        # Must come before early stopping and the checkpoint: from each epoch's end to the next epoch's
-        # start (validation included) the model holds the averaged weights, so those are what is
-        # validated, kept as best and saved; early stopping restores the best of them when training ends.
-        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if averaging else []),
         keras.callbacks.EarlyStopping(
             monitor=config.monitor, mode=mode, patience=config.early_stopping_patience, restore_best_weights=True
         ),
