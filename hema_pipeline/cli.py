@@ -31,12 +31,26 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
+    """Lab SQL on a locked-down, read-only connection: no files, extensions or settings changes, and a
+    missing warehouse is an error (never created)."""
     from hema_pipeline import settings
-    from hema_pipeline.storage.warehouse import Warehouse
+    from hema_pipeline.storage.warehouse import Warehouse, WarehouseBusy, WarehouseMissing
 
+    import duckdb
     import pandas as pd
 
-    frame = Warehouse(args.warehouse or settings.warehouse_path()).query(args.sql)
+    warehouse = Warehouse(args.warehouse or settings.warehouse_path())
+    try:
+        frame = warehouse.query_locked_down(args.sql)
+    except WarehouseMissing as error:
+        print(f"hema query: {error}; check --warehouse / HEMA_WAREHOUSE (nothing was created)", file=sys.stderr)
+        return 2
+    except WarehouseBusy as error:
+        print(f"hema query: {error}; try again when the run has finished", file=sys.stderr)
+        return 1
+    except duckdb.Error as error:
+        print(f"hema query: {error}", file=sys.stderr)
+        return 1
     if args.csv:
         frame.to_csv(sys.stdout, index=False)
     else:
@@ -106,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     classify.set_defaults(handler=_classify)
 
-    query = commands.add_parser("query", help="run SQL against the warehouse (read-only)")
+    query = commands.add_parser(
+        "query",
+        help="run SQL against the warehouse (read-only; no file, extension or settings access)",
+    )
     query.add_argument("sql")
     query.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
     query.add_argument("--csv", action="store_true", help="print CSV instead of a table")

@@ -49,6 +49,8 @@ def test_key_is_required_outside_demo_mode(tmp_path):
         load_pseudonym_key(None, str(tmp_path / "absent.key"), demo_mode=False)
     with pytest.raises(MissingPseudonymKey, match="at least 32 bytes"):
         load_pseudonym_key("short", None, demo_mode=False)
+    with pytest.raises(MissingPseudonymKey, match="odd number"):  # a mistyped hex key is never a text key
+        load_pseudonym_key("5e" * 31 + "5", None, demo_mode=False)
 
 
 def test_demo_mode_creates_a_private_key_file_once(tmp_path):

@@ -64,3 +64,15 @@ create or replace view verified_cells as
 
 create or replace view open_quarantine as
     select * from quarantine where resolved_by_import_run_id is null;
+
+-- The pseudonymisation scheme the warehouse was built with (one row, recorded at the first import):
+-- a fingerprint of the HMAC key, never the key, and the identifier normalisations. A different key or
+-- normalisation is refused, because its pseudonyms would not match these (see docs/operations.md).
+create table if not exists pseudonym_scheme (
+    scheme_id                   integer primary key check (scheme_id = 1),
+    key_fingerprint             varchar not null,   -- first 16 hex of HMAC-SHA256(key, "hema-pipeline key fingerprint v1")
+    record_number_normalisation varchar not null,   -- e.g. compact:v1 (HEMA_RECORD_NUMBER_NORMALISATION)
+    accession_normalisation     varchar not null,   -- nfc-strip:v1
+    smears_before               bigint not null,    -- smears already present when recorded (imported before the scheme was kept)
+    created_at                  timestamp not null
+);

@@ -7,7 +7,12 @@ import os
 import dagster as dg
 
 from hema_pipeline import settings
-from hema_pipeline.anonymise.pseudonymise import PseudonymKey, load_pseudonym_key
+from hema_pipeline.anonymise.pseudonymise import (
+    PseudonymConfigError,
+    PseudonymKey,
+    check_pseudonym_scheme,
+    load_pseudonym_key,
+)
 from hema_pipeline.ingest.inbox import Inbox
 from hema_pipeline.ingest.smear_import import ImportTargets
 from hema_pipeline.storage.object_store import ObjectStore, open_object_store
@@ -49,15 +54,37 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class PseudonymKeyResource(dg.ConfigurableResource):
-    """The HMAC key behind every pseudonym. Set HEMA_PSEUDONYM_KEY (hex) or HEMA_PSEUDONYM_KEY_FILE;
-    without either, runs refuse to start unless demo mode (HEMA_DEMO=1) made a local key file."""
+    """The HMAC key behind every pseudonym. Set HEMA_PSEUDONYM_KEY (hex, at least 64 characters) or
+    HEMA_PSEUDONYM_KEY_FILE (a 0600/0400 file holding it); without either, nothing is imported unless demo
+    mode (HEMA_DEMO=1) made a local key file. Sensors and schedules call ``problem()`` and skip with its
+    reason instead of requesting runs that could only fail."""
 
     key_file: str = ""
     demo_mode: bool = False
+    # Empty: HEMA_RECORD_NUMBER_NORMALISATION, else "compact". See hema_pipeline.anonymise.pseudonymise.
+    record_number_normalisation: str = ""
 
     def key(self) -> PseudonymKey:
         # Read at use, never stored as resource config, so the secret does not appear in run config or the UI.
-        return load_pseudonym_key(os.environ.get("HEMA_PSEUDONYM_KEY"), self.key_file or None, self.demo_mode)
+        return load_pseudonym_key(
+            os.environ.get("HEMA_PSEUDONYM_KEY"),
+            self.key_file or None,
+            self.demo_mode,
+            self.record_number_normalisation or None,
+        )
+
+    def problem(self, warehouse: "Warehouse | WarehouseResource | None" = None) -> str | None:
+        """Why no import can run now, or None: the key is missing or unusable, the normalisation setting is
+        unknown, or (given ``warehouse``) the warehouse was built under another key or normalisation
+        (checked read-only; never waits for a writer). Redacted: never contains the key."""
+        try:
+            key = self.key()
+            if warehouse is not None:
+                target = warehouse.warehouse() if isinstance(warehouse, WarehouseResource) else warehouse
+                check_pseudonym_scheme(target, key)
+        except PseudonymConfigError as error:
+            return str(error)
+        return None
 
 
 def import_targets(storage: StorageResource, warehouse: WarehouseResource) -> ImportTargets:
