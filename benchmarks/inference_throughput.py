@@ -101,8 +101,9 @@ def import_and_train(args: argparse.Namespace) -> dict:
     resources = defs.resources
     key = resources["pseudonyms"].key()
     known = set(instance.get_dynamic_partitions(smear_partitions.name))
-    new_partitions, requests, _ = plan_imports(resources["inbox"].inbox(), key, known)
-    instance.add_dynamic_partitions(smear_partitions.name, new_partitions)
+    plan = plan_imports(resources["inbox"].inbox(), key, known)
+    instance.add_dynamic_partitions(smear_partitions.name, plan.new_partitions)
+    requests = plan.run_requests
 
     started = time.perf_counter()
     import_job = defs.resolve_job_def("import_smears")

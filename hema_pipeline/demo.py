@@ -70,8 +70,9 @@ def run_demo(use_pbc: bool, smears: int, cells_per_smear: int, seed: int, epochs
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     key = resources["pseudonyms"].key()
     known = set(instance.get_dynamic_partitions(smear_partitions.name))
-    new_partitions, requests, _ = plan_imports(resources["inbox"].inbox(), key, known)
-    instance.add_dynamic_partitions(smear_partitions.name, new_partitions)
+    plan = plan_imports(resources["inbox"].inbox(), key, known)
+    instance.add_dynamic_partitions(smear_partitions.name, plan.new_partitions)
+    requests = plan.run_requests
 
     print("\n== 1/3 import and anonymise (one run per smear)")
     import_job = defs.resolve_job_def("import_smears")

@@ -13,8 +13,14 @@ create table if not exists import_runs (
     files_seen             integer not null,   -- every file in the smear folder, metadata included
     cells_imported         integer not null,   -- new or changed cell rows written by this run
     cells_quarantined      integer not null,
-    cells_skipped_existing integer not null    -- identical rows already present from an earlier import
+    cells_skipped_existing integer not null,   -- identical rows already present from an earlier import
+    cells_updated          integer not null default 0,  -- of cells_imported, rows that existed and changed
+                                                        -- (labels, image, or the smear's patient moved)
+    cells_withdrawn        integer not null default 0   -- stored cells the latest export no longer lists
 );
+-- Warehouses created before these columns existed gain them here (each statement is idempotent).
+alter table import_runs add column if not exists cells_updated integer default 0;
+alter table import_runs add column if not exists cells_withdrawn integer default 0;
 
 create table if not exists smears (
     smear_id          varchar primary key,
@@ -47,15 +53,21 @@ create table if not exists quarantine (
     quarantine_id     varchar primary key,    -- stable hash of (smear_id, cell_id, content, reason_code)
     smear_id          varchar not null,
     cell_id           integer,                -- null when the whole smear is quarantined
-    reason_code       varchar not null,       -- corrupt_image | not_an_image | missing_image | unknown_class |
-                                              -- missing_metadata | malformed_metadata | empty_smear |
-                                              -- unlisted_file | accession_mismatch
+    reason_code       varchar not null,       -- see docs/import.md: per cell corrupt_image | not_an_image |
+                                              -- image_too_large | unsupported_jpeg | missing_image |
+                                              -- unknown_class | unreadable_file | not_a_regular_file |
+                                              -- symlink_not_followed | file_too_large | unexpected_dimensions;
+                                              -- per smear missing_metadata | malformed_metadata |
+                                              -- unreadable_metadata | empty_smear | unlisted_file |
+                                              -- accession_mismatch | invalid_folder_name |
+                                              -- unreadable_folder | duplicate_folder
     reason            varchar not null,
     kept_key          varchar,                -- where the untouched file is kept in the quarantine store
     content_sha256    varchar,
     import_run_id     varchar not null,
     quarantined_at    timestamp not null,
-    resolved_by_import_run_id varchar         -- set when a later import of the same cell succeeded
+    resolved_by_import_run_id varchar         -- set by the first later import of the smear that read its
+                                              -- metadata and no longer found this problem
 );
 
 -- Cells with the label a model may learn from: the technologist's class only.

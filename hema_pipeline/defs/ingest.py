@@ -3,6 +3,8 @@ nightly sweep."""
 
 
 import json
+import time
+from dataclasses import dataclass
 
 import dagster as dg
 
@@ -14,8 +16,9 @@ from hema_pipeline.defs.resources import (
     WarehouseResource,
     import_targets,
 )
-from hema_pipeline.ingest.inbox import Inbox, InboxSmear
-from hema_pipeline.ingest.smear_import import import_smear
+from hema_pipeline.ingest.errors import ContainedError, identifiable_zone
+from hema_pipeline.ingest.inbox import Inbox
+from hema_pipeline.ingest.smear_import import ImportLimits, import_smear
 from hema_pipeline import settings
 
 smear_partitions = dg.DynamicPartitionsDefinition(name="smears")
@@ -23,6 +26,14 @@ smear_partitions = dg.DynamicPartitionsDefinition(name="smears")
 # Every asset that writes the DuckDB file runs in this pool; dagster.yaml limits pools to one slot,
 # because DuckDB allows a single writing process per file.
 DUCKDB_WRITER_POOL = "duckdb_writer"
+# Quarantine lines written to the run's log and to its materialisation metadata (the table has them all).
+MAX_LOGGED_REASONS = 20
+MAX_METADATA_REASONS = 200
+
+
+class InboxScanFailed(RuntimeError):
+    """A sensor or schedule tick could not scan the inbox; the message names no path (tick storage and the
+    daemon log keep it)."""
 
 
 @dg.asset(
@@ -46,34 +57,63 @@ def imported_smear(
     warehouse: WarehouseResource,
     pseudonyms: PseudonymKeyResource,
 ) -> dg.MaterializeResult:
-    key = pseudonyms.key()
     smear_id = context.partition_key
-    source = inbox.inbox()
-    smear = source.find_by_smear_id(smear_id, key)
-    if smear is None:
-        raise dg.Failure(f"no folder in the inbox pseudonymises to smear {smear_id}; was it removed?")
-    report = import_smear(source.store, smear, key, import_targets(storage, warehouse), context.run_id)
-    for line in report.quarantine_reasons:
-        context.log.warning(f"smear {smear_id} quarantined {line}")
+    try:
+        with identifiable_zone("the import", smear_id):
+            key = pseudonyms.key()
+            source = inbox.inbox()
+            smear = source.find_by_smear_id(smear_id, key)
+            if smear is None:
+                raise ContainedError(f"no folder in the inbox pseudonymises to smear {smear_id}; was it removed?")
+            report = import_smear(
+                source.store, smear, key, import_targets(storage, warehouse), context.run_id, ImportLimits.from_settings()
+            )
+    except ContainedError as error:
+        raise dg.Failure(description=str(error)) from None
+    if report.quarantined:
+        # One line per reason, not per cell: a smear of 20,000 missing images is one warning, not 20,000.
+        counts = ", ".join(f"{count} {code}" for code, count in report.quarantine_counts.items())
+        examples = "; ".join(report.quarantine_reasons[:MAX_LOGGED_REASONS])
+        more = len(report.quarantined) - MAX_LOGGED_REASONS
+        context.log.warning(
+            f"smear {smear_id} quarantined {counts}: {examples}" + (f"; and {more} more" if more > 0 else "")
+        )
     context.log.info(
-        f"smear {smear_id}: {report.status}; {report.cells_imported} imported, "
-        f"{report.cells_skipped_existing} already present, {report.cells_quarantined} cells quarantined"
+        f"smear {smear_id}: {report.status}; {report.cells_imported} imported ({report.cells_updated} of them "
+        f"updated), {report.cells_skipped_existing} already present, {report.cells_withdrawn} withdrawn, "
+        f"{report.cells_quarantined} cells quarantined"
     )
+    listed = report.quarantine_reasons[:MAX_METADATA_REASONS]
+    if len(report.quarantined) > MAX_METADATA_REASONS:
+        listed.append(f"... and {len(report.quarantined) - MAX_METADATA_REASONS} more (see the quarantine table)")
     return dg.MaterializeResult(
         metadata={
             "status": report.status,
             "import_run_id": report.import_run_id,
             "files_seen": report.files_seen,
             "cells_imported": report.cells_imported,
+            "cells_updated": report.cells_updated,
+            "cells_withdrawn": report.cells_withdrawn,
             "cells_skipped_existing": report.cells_skipped_existing,
             "cells_quarantined": report.cells_quarantined,
-            "quarantine": dg.MetadataValue.md(
-                "\n".join(f"- {line}" for line in report.quarantine_reasons) or "nothing quarantined"
-            ),
+            "quarantine_counts": dg.MetadataValue.json(report.quarantine_counts),
+            "quarantine": dg.MetadataValue.md("\n".join(f"- {line}" for line in listed) or "nothing quarantined"),
             "class_counts": dg.MetadataValue.json(report.class_counts),
         },
-        data_version=dg.DataVersion(f"{report.import_run_id}" if report.cells_imported else "unchanged"),
+        data_version=dg.DataVersion(
+            f"{report.import_run_id}" if report.cells_imported or report.cells_withdrawn or report.cells_updated else "unchanged"
+        ),
     )
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    new_partitions: list[str]
+    run_requests: list[dg.RunRequest]
+    cursor: float  # every smear whose newest change is older than this has been requested
+    requested_at_cursor: list[str]  # run keys already requested among smears changed at or after it
+    skipped: dict[str, int]  # root entries of the inbox that are not smear folders, by reason
+    waiting: int  # smear folders not ready yet (no metadata, still changing)
 
 
 def plan_imports(
@@ -81,31 +121,50 @@ def plan_imports(
     key: PseudonymKey,
     known_partitions: set[str],
     newer_than: float = 0.0,
-) -> tuple[list[str], list[dg.RunRequest], float]:
-    """New partitions and run requests for the ready smears changed after ``newer_than``.
+    now: float | None = None,
+    already_requested: frozenset[str] = frozenset(),
+) -> ImportPlan:
+    """New partitions and run requests for the ready smears whose newest change is at or after
+    ``newer_than``.
 
     The run key is the partition plus a fingerprint of the folder's listing: Dagster launches a run key
     once per sensor or schedule, so a smear is imported exactly once per version of its export, across
-    restarts and across both triggers' overlapping scans."""
+    restarts and across both triggers' overlapping scans. The cursor errs on the side of looking again: a
+    smear changed in the same second as the cursor (file times of SMB shares and S3 have one-second
+    resolution) is looked at again and requested unless its run key is in ``already_requested``, and the
+    cursor never passes a folder that is still waiting to settle."""
+    now = time.time() if now is None else now
+    listing = source.listing()
     new_partitions: list[str] = []
     requests: list[dg.RunRequest] = []
     newest = newer_than
-    smear: InboxSmear
-    for smear in source.ready_smears():
-        if smear.newest_change <= newer_than:
+    oldest_waiting: float | None = None
+    waiting = 0
+    candidates: list[tuple[float, str]] = []
+    for smear_id, smear in sorted(source.by_smear_id(list(listing.smears), key).items()):
+        if smear.newest_change < newer_than:
             continue
-        smear_id = key.smear_id(smear.folder)
+        if not source.is_ready(smear, now):
+            waiting += 1
+            oldest_waiting = smear.newest_change if oldest_waiting is None else min(oldest_waiting, smear.newest_change)
+            continue
+        run_key = f"{smear_id}:{smear.fingerprint}"
+        candidates.append((smear.newest_change, run_key))
+        newest = max(newest, smear.newest_change)
+        if run_key in already_requested:
+            continue
         if smear_id not in known_partitions and smear_id not in new_partitions:
             new_partitions.append(smear_id)
-        requests.append(
-            dg.RunRequest(
-                run_key=f"{smear_id}:{smear.fingerprint}",
-                partition_key=smear_id,
-                tags={"hema/trigger": "inbox"},
-            )
-        )
-        newest = max(newest, smear.newest_change)
-    return new_partitions, requests, newest
+        requests.append(dg.RunRequest(run_key=run_key, partition_key=smear_id, tags={"hema/trigger": "inbox"}))
+    if oldest_waiting is not None:
+        newest = min(newest, oldest_waiting)
+    at_cursor = sorted(run_key for changed, run_key in candidates if changed >= newest)
+    return ImportPlan(new_partitions, requests, newest, at_cursor, listing.skipped, waiting)
+
+
+def _describe(plan: ImportPlan) -> str:
+    skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(plan.skipped.items())) or "none"
+    return f"{len(plan.run_requests)} smear(s) requested, {plan.waiting} waiting to settle; inbox entries skipped: {skipped}"
 
 
 import_smears_job = dg.define_asset_job(
@@ -127,13 +186,22 @@ def inbox_sensor(
 ) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(smear_partitions.name))
-    new_partitions, requests, newest = plan_imports(
-        inbox.inbox(), pseudonyms.key(), known, newer_than=float(cursor.get("newest_change", 0.0))
-    )
+    try:
+        with identifiable_zone("the inbox scan"):
+            plan = plan_imports(
+                inbox.inbox(),
+                pseudonyms.key(),
+                known,
+                newer_than=float(cursor.get("newest_change", 0.0)),
+                already_requested=frozenset(cursor.get("requested_at_cursor", [])),
+            )
+    except ContainedError as error:
+        raise InboxScanFailed(str(error)) from None
+    context.log.info(_describe(plan))
     return dg.SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[smear_partitions.build_add_request(new_partitions)] if new_partitions else [],
-        cursor=json.dumps({"newest_change": newest}),
+        run_requests=plan.run_requests,
+        dynamic_partitions_requests=[smear_partitions.build_add_request(plan.new_partitions)] if plan.new_partitions else [],
+        cursor=json.dumps({"newest_change": plan.cursor, "requested_at_cursor": plan.requested_at_cursor}),
     )
 
 
@@ -151,7 +219,15 @@ def nightly_import_schedule(
     context: dg.ScheduleEvaluationContext, inbox: InboxResource, pseudonyms: PseudonymKeyResource
 ) -> list[dg.RunRequest]:
     known = set(context.instance.get_dynamic_partitions(smear_partitions.name))
-    new_partitions, requests, _ = plan_imports(inbox.inbox(), pseudonyms.key(), known)
-    if new_partitions:
-        context.instance.add_dynamic_partitions(smear_partitions.name, new_partitions)
-    return requests
+    try:
+        with identifiable_zone("the nightly inbox sweep"):
+            plan = plan_imports(inbox.inbox(), pseudonyms.key(), known)
+    except ContainedError as error:
+        raise InboxScanFailed(str(error)) from None
+    context.log.info(_describe(plan))
+    if plan.new_partitions:
+        context.instance.add_dynamic_partitions(smear_partitions.name, plan.new_partitions)
+    return [
+        dg.RunRequest(run_key=request.run_key, partition_key=request.partition_key, tags={"hema/trigger": "nightly"})
+        for request in plan.run_requests
+    ]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import dagster as dg
 import pandas as pd
 
+from hema_pipeline import settings
 from hema_pipeline.defs.ingest import imported_smear
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
 from hema_pipeline.quality.cell_suite import CHECK_GROUPS, CLASS_MINIMUMS, CellTableRules, validate_cell_table
@@ -68,10 +69,12 @@ def cell_table(context: dg.AssetExecutionContext, warehouse: WarehouseResource, 
 
 
 class CellTableCheckConfig(dg.Config):
-    min_width: int = 300
-    max_width: int = 400
-    min_height: int = 300
-    max_height: int = 400
+    # The import quarantines cells outside HEMA_CELL_MIN_SIDE_PX..HEMA_CELL_MAX_SIDE_PX, so with these
+    # defaults the dimension check guards that invariant; narrowing it here makes it a stricter gate.
+    min_width: int = settings.cell_side_range()[0]
+    max_width: int = settings.cell_side_range()[1]
+    min_height: int = settings.cell_side_range()[0]
+    max_height: int = settings.cell_side_range()[1]
     min_verified_per_class: int = 20
 
 

@@ -3,28 +3,64 @@
 The inbox is read-only to the pipeline and lives in the identifiable zone with the quarantine store:
 folder names are accessions and files carry patient details. Nothing read here leaves without going
 through ``anonymise``.
+
+Listing is fault-isolated per entry: a symbolic link (never followed), an unreadable or empty folder, a
+stray file in the inbox root, a FIFO, or a name that is not valid UTF-8 never makes a scan fail. Entries
+that cannot be a smear are counted by reason in ``InboxListing.skipped`` (never named: names identify
+patients); entries inside a smear folder stay in its ``files`` with their ``problem`` so that the import
+can quarantine them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 from hema_pipeline.anonymise.pseudonymise import PseudonymKey
 from hema_pipeline.export.format import METADATA_FILE_NAME
-from hema_pipeline.storage.object_store import ObjectInfo, ObjectStore
+from hema_pipeline.storage.object_store import (
+    EMPTY_FOLDER,
+    SYMLINK,
+    UNREADABLE_FOLDER,
+    ObjectInfo,
+    ObjectStore,
+)
+
+# Why a root entry of the inbox is not a smear folder (the counts reach the sensor tick and run logs).
+SKIP_FILE_IN_ROOT = "file_in_inbox_root"
+SKIP_SYMLINK_IN_ROOT = "symlink_in_inbox_root"
+SKIP_EMPTY_FOLDER = "empty_folder"
+SKIP_HIDDEN_FOLDER = "hidden_or_staging_folder"
+SKIP_UNREADABLE_ENTRY = "unreadable_entry_in_inbox_root"
 
 
 @dataclass(frozen=True)
 class InboxSmear:
+    """One smear folder of the inbox. ``folders`` is more than one name when several folders
+    pseudonymise to one smear (names that differ only by Unicode normalisation or surrounding spaces):
+    the import then quarantines them all rather than pick one."""
+
     folder: str
     files: tuple[ObjectInfo, ...]
+    folders: tuple[str, ...] = field(default=())
+
+    @property
+    def all_folders(self) -> tuple[str, ...]:
+        return self.folders or (self.folder,)
+
+    @property
+    def metadata_key(self) -> str:
+        return f"{self.folder}/{METADATA_FILE_NAME}"
 
     @property
     def has_metadata(self) -> bool:
-        return any(info.key == f"{self.folder}/{METADATA_FILE_NAME}" for info in self.files)
+        return any(info.key == self.metadata_key and info.problem is None for info in self.files)
+
+    @property
+    def unreadable(self) -> bool:
+        return any(info.key == self.folder and info.problem == UNREADABLE_FOLDER for info in self.files)
 
     @property
     def newest_change(self) -> float:
@@ -35,8 +71,18 @@ class InboxSmear:
         """Changes whenever a file is added, removed or rewritten: lets a sensor re-import an updated export."""
         digest = hashlib.sha256()
         for info in sorted(self.files, key=lambda item: item.key):
-            digest.update(f"{info.key}\x00{info.size}\x00{info.modified:.3f}\n".encode())
+            line = f"{info.key}\x00{info.size}\x00{info.modified:.3f}\x00{info.problem or ''}\n"
+            digest.update(line.encode("utf-8", "surrogateescape"))
         return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class InboxListing:
+    smears: tuple[InboxSmear, ...]
+    skipped: dict[str, int]  # reason -> number of root entries that are not smear folders
+
+    def describe_skipped(self) -> str:
+        return ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items())) or "none"
 
 
 class Inbox:
@@ -44,32 +90,67 @@ class Inbox:
         self.store = store
         self.settle_seconds = settle_seconds
 
-    def smears(self) -> list[InboxSmear]:
+    def listing(self) -> InboxListing:
         grouped: dict[str, list[ObjectInfo]] = defaultdict(list)
+        skipped: Counter[str] = Counter()
         for info in self.store.list():
             folder, separator, _ = info.key.partition("/")
-            if separator and not folder.startswith((".", "_")):
+            if folder.startswith((".", "_")):
+                # Staging folders (the generator's ``.ACC.partial``, an SMB client's ``.~lock``) and
+                # hidden files become visible once renamed into place.
+                if not separator:
+                    skipped[SKIP_HIDDEN_FOLDER] += 1
+                continue
+            if separator:
                 grouped[folder].append(info)
-        return [InboxSmear(folder, tuple(files)) for folder, files in sorted(grouped.items())]
+            elif info.problem == UNREADABLE_FOLDER:
+                grouped[folder].append(info)  # a smear whose folder cannot be read: quarantined, not lost
+            elif info.problem == EMPTY_FOLDER:
+                skipped[SKIP_EMPTY_FOLDER] += 1
+            elif info.problem == SYMLINK:
+                skipped[SKIP_SYMLINK_IN_ROOT] += 1
+            elif info.problem is not None:
+                skipped[SKIP_UNREADABLE_ENTRY] += 1
+            else:
+                skipped[SKIP_FILE_IN_ROOT] += 1
+        smears = []
+        for folder, files in sorted(grouped.items()):
+            # An empty subfolder inside a smear holds nothing to import or keep.
+            kept = tuple(info for info in files if info.problem != EMPTY_FOLDER)
+            if kept:
+                smears.append(InboxSmear(folder, kept))
+            else:
+                skipped[SKIP_EMPTY_FOLDER] += 1
+        return InboxListing(tuple(smears), dict(skipped))
+
+    def smears(self) -> list[InboxSmear]:
+        return list(self.listing().smears)
 
     def ready_smears(self, now: float | None = None) -> list[InboxSmear]:
         """Smears whose metadata file is present, or which have not changed for ``settle_seconds`` (so a
         folder without metadata is eventually imported, and quarantined, instead of waiting forever)."""
         now = time.time() if now is None else now
-        return [
-            smear
-            for smear in self.smears()
-            if smear.has_metadata or now - smear.newest_change >= self.settle_seconds
-        ]
+        return [smear for smear in self.smears() if self.is_ready(smear, now)]
 
-    def smear(self, folder: str) -> InboxSmear:
-        files = tuple(self.store.list(folder))
-        return InboxSmear(folder, files)
+    def is_ready(self, smear: InboxSmear, now: float) -> bool:
+        return smear.has_metadata or now - smear.newest_change >= self.settle_seconds
+
+    def by_smear_id(self, smears: list[InboxSmear], key: PseudonymKey) -> dict[str, InboxSmear]:
+        """Each smear pseudonym with its folder; folders that collide on one pseudonym are merged into
+        one ``InboxSmear`` naming them all (``folders``), every file of each included."""
+        grouped: dict[str, list[InboxSmear]] = defaultdict(list)
+        for smear in smears:
+            grouped[key.smear_id(smear.folder)].append(smear)
+        merged = {}
+        for smear_id, members in grouped.items():
+            if len(members) == 1:
+                merged[smear_id] = members[0]
+            else:
+                files = tuple(info for member in members for info in member.files)
+                merged[smear_id] = InboxSmear(members[0].folder, files, tuple(member.folder for member in members))
+        return merged
 
     def find_by_smear_id(self, smear_id: str, key: PseudonymKey) -> InboxSmear | None:
         """Pseudonyms are one-way, so the folder of a partition is found by pseudonymising every folder
         name; that is cheap (one HMAC each) and keeps any re-identification table out of storage."""
-        for smear in self.smears():
-            if key.smear_id(smear.folder) == smear_id:
-                return smear
-        return None
+        return self.by_smear_id(self.smears(), key).get(smear_id)

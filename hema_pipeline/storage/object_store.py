@@ -2,11 +2,19 @@
 
 Keys are ``/``-separated relative paths. Writes are atomic (a reader never sees half a file): locally
 through a temporary file and ``os.replace``, on S3 because a PUT is atomic.
+
+A local folder is read as hostile input (the inbox is filled by analysers, SMB mounts and people): listing
+never follows a symbolic link, never raises for one bad entry (an unreadable folder, a name too long for
+the OS, a socket or FIFO), and reports such entries with a ``problem`` instead of skipping them silently;
+reading opens without following links and refuses anything but a regular file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,11 +26,25 @@ class ObjectNotFound(KeyError):
     pass
 
 
+class NotARegularObject(OSError):
+    """The key names a symbolic link, folder, FIFO, socket or device, not a file with content."""
+
+
+# Why a listed entry cannot be read as a file. Entries with a problem are listed so that the caller can
+# account for them (quarantine or a counted skip); their size and time are 0.
+SYMLINK = "symlink"
+SPECIAL_FILE = "special_file"
+UNREADABLE_FOLDER = "unreadable_folder"
+UNREADABLE_ENTRY = "unreadable_entry"
+EMPTY_FOLDER = "empty_folder"
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
     modified: float  # seconds since the epoch
+    problem: str | None = None  # None for a readable regular file, else one of the constants above
 
 
 class ObjectStore(Protocol):
@@ -42,22 +64,42 @@ def _clean_key(key: str) -> str:
 
 
 class LocalObjectStore:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    """A folder. ``private`` stores (the identifiable quarantine) create files 0600 and folders 0700
+    whatever the umask: what they hold is as sensitive as the inbox it came from."""
+
+    def __init__(self, root: str | os.PathLike[str], private: bool = False) -> None:
         self.root = Path(root).resolve()
+        self.private = private
 
     def _path(self, key: str) -> Path:
         return self.root / _clean_key(key)
 
+    def _make_parents(self, path: Path) -> None:
+        if not self.private:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return
+        missing = []
+        folder = path.parent
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir(mode=0o700)
+            os.chmod(folder, 0o700)
+
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         temporary = path.parent / f".tmp-{uuid.uuid4().hex}"
+        mode = 0o600 if self.private else 0o666
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         try:
-            handle = open(temporary, "xb")
+            descriptor = os.open(temporary, flags, mode)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(temporary, "xb")
+            self._make_parents(path)
+            descriptor = os.open(temporary, flags, mode)
         try:
-            with handle:
+            with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
             os.replace(temporary, path)
         except BaseException:
@@ -65,31 +107,84 @@ class LocalObjectStore:
             raise
 
     def get_bytes(self, key: str) -> bytes:
+        # O_NOFOLLOW: a link swapped in after listing is refused, not followed (to a key file, /etc/shadow).
+        # O_NONBLOCK: opening a FIFO would otherwise wait forever for a writer.
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            return self._path(key).read_bytes()
+            descriptor = os.open(self._path(key), flags)
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EMLINK):
+                raise NotARegularObject(errno.ELOOP, "a symbolic link, not followed") from None
+            raise
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise NotARegularObject(errno.EINVAL, "not a regular file")
+            return handle.read()
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            return stat.S_ISREG(os.lstat(self._path(key)).st_mode)
+        except OSError:
+            return False
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self.root / _clean_key(prefix) if prefix.strip("/") else self.root
-        if not base.exists():
+        try:
+            if not stat.S_ISDIR(os.lstat(base).st_mode):
+                return
+        except OSError:
             return
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".tmp-"):
-                stat = path.stat()
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
+        start = base.relative_to(self.root).as_posix()
+        start = "" if start == "." else start
+        entries = sorted(_walk(base, start), key=lambda info: info.key)
+        if any(info.key == start and info.problem == UNREADABLE_FOLDER for info in entries):
+            # The listed folder itself, not an entry in it: no partial answer would be true.
+            raise PermissionError(errno.EACCES, "the folder cannot be listed")
+        yield from entries
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
 
     def local_path(self, key: str) -> Path:
         return self._path(key)
+
+
+def _walk(root: Path, root_key: str) -> Iterator[ObjectInfo]:
+    """Every entry below ``root``, without following links; one bad entry is reported, never raised.
+    Iterative, so a hostile folder nested thousands deep cannot exhaust the stack."""
+    pending = [(root, root_key)]
+    while pending:
+        folder, folder_key = pending.pop()
+        try:
+            with os.scandir(folder) as scan:
+                children = list(scan)
+        except OSError:
+            yield ObjectInfo(folder_key, 0, 0.0, UNREADABLE_FOLDER)
+            continue
+        if not children and folder_key != root_key:
+            yield ObjectInfo(folder_key, 0, 0.0, EMPTY_FOLDER)
+        for entry in children:
+            if entry.name.startswith(".tmp-"):
+                continue
+            key = f"{folder_key}/{entry.name}" if folder_key else entry.name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                yield ObjectInfo(key, 0, 0.0, UNREADABLE_ENTRY)
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                yield ObjectInfo(key, 0, 0.0, SYMLINK)
+            elif stat.S_ISDIR(info.st_mode):
+                pending.append((Path(entry.path), key))
+            elif stat.S_ISREG(info.st_mode):
+                yield ObjectInfo(key, info.st_size, info.st_mtime)
+            else:
+                yield ObjectInfo(key, 0, 0.0, SPECIAL_FILE)
 
 
 class S3ObjectStore:
@@ -152,8 +247,10 @@ def open_object_store(
     url: str,
     endpoint_url: str | None = None,
     region_name: str | None = None,
+    private: bool = False,
 ) -> ObjectStore:
-    """``s3://bucket/prefix`` gives an ``S3ObjectStore``; anything else is a local folder."""
+    """``s3://bucket/prefix`` gives an ``S3ObjectStore``; anything else is a local folder (``private``:
+    files 0600 and folders 0700; on S3 access is the bucket policy's business)."""
     if url.startswith("s3://"):
         bucket, _, prefix = url[len("s3://") :].partition("/")
         if not bucket:
@@ -161,4 +258,4 @@ def open_object_store(
         return S3ObjectStore(bucket, prefix, endpoint_url=endpoint_url, region_name=region_name)
     if url.startswith("file://"):
         url = url[len("file://") :]
-    return LocalObjectStore(url)
+    return LocalObjectStore(url, private=private)
