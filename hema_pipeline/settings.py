@@ -58,6 +58,17 @@ def shared_data_dir() -> Path:
     return Path(_env("HEMA_SHARED_DATA", "../shared/data")).resolve()
 
 
+def cell_side_range() -> tuple[int, int]:
+    """Accepted width and height of a cell image, in pixels: CellaVision DM96 crops are 360x363 (a few
+    366x369 / 360x360). Cells outside are quarantined at import (``unexpected_dimensions``)."""
+    return int(_env("HEMA_CELL_MIN_SIDE_PX", "300")), int(_env("HEMA_CELL_MAX_SIDE_PX", "400"))
+
+
+def max_cell_file_bytes() -> int:
+    """Larger inbox files are quarantined without being read (and left in the inbox)."""
+    return int(_env("HEMA_MAX_CELL_FILE_BYTES", str(32 * 1024 * 1024)))
+
+
 def nightly_import_cron() -> str:
     return _env("HEMA_NIGHTLY_IMPORT_CRON", "30 2 * * *")
 
@@ -96,3 +107,13 @@ def retrain_min_predictions_for_drift() -> int:
 
 def retrain_tasks_without_champion() -> bool:
     return _env_flag("HEMA_RETRAIN_TASKS_WITHOUT_CHAMPION")
+
+
+def max_image_pixels() -> int:
+    """The most pixels (width x height) an image may declare before anything decodes it: larger cell
+    images are quarantined as ``image_too_large`` and ``hema classify`` skips them. A CellaVision cell
+    is 360 x 363 = 130,680 pixels."""
+    value = int(_env("HEMA_MAX_IMAGE_PIXELS", "4000000"))
+    if value < 1:
+        raise ValueError("HEMA_MAX_IMAGE_PIXELS must be a positive number of pixels")
+    return value

@@ -41,7 +41,8 @@ class StorageResource(dg.ConfigurableResource):
         return open_object_store(self.lake_url, endpoint_url=self.s3_endpoint_url or None)
 
     def quarantine(self) -> ObjectStore:
-        return open_object_store(self.quarantine_url, endpoint_url=self.s3_endpoint_url or None)
+        # Identifiable zone: its files are the inbox's, so they are readable by the pipeline's user only.
+        return open_object_store(self.quarantine_url, endpoint_url=self.s3_endpoint_url or None, private=True)
 
 
 class WarehouseResource(dg.ConfigurableResource):
