@@ -34,3 +34,9 @@ def materialise_inbox(env: PipelineEnv, instance: dg.DagsterInstance) -> list[dg
 def import_metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
     [materialisation] = result.asset_materializations_for_node("imported_smear")
     return {key: value.value for key, value in materialisation.metadata.items()}
+
+
+def sensor_resources(env: PipelineEnv) -> dict[str, object]:
+    """What the inbox sensor and the nightly sweep take."""
+    resources = env.resources()
+    return {name: resources[name] for name in ("inbox", "pseudonyms", "warehouse")}

@@ -10,16 +10,11 @@ import dagster as dg
 
 from hema_pipeline.defs.ingest import inbox_sensor, nightly_import_schedule, smear_partitions
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
-from hema_pipeline_tests.support import TEST_KEY
-
-
-def _sensor_resources(env):
-    resources = env.resources()
-    return {"inbox": resources["inbox"], "pseudonyms": resources["pseudonyms"]}
+from hema_pipeline_tests.support import TEST_KEY, sensor_resources
 
 
 def _evaluate_sensor(env, instance, cursor=None) -> dg.SensorResult:
-    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=_sensor_resources(env)) as context:
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=sensor_resources(env)) as context:
         return inbox_sensor(context)
 
 
@@ -69,7 +64,7 @@ def test_sensor_waits_for_a_folder_without_metadata_to_settle(pipeline_env, dags
 
     export = generate_export(pipeline_env.inbox, SyntheticExportSpec(smears=1, cells_per_smear=5, seed=34))
     (export.smears[0].folder / "smear.json").unlink()
-    resources = _sensor_resources(pipeline_env)
+    resources = sensor_resources(pipeline_env)
     resources["inbox"] = InboxResource(url=str(pipeline_env.inbox), settle_seconds=3600)
     with dg.build_sensor_context(instance=dagster_instance, resources=resources) as context:
         assert inbox_sensor(context).run_requests == []
@@ -77,7 +72,7 @@ def test_sensor_waits_for_a_folder_without_metadata_to_settle(pipeline_env, dags
 
 def test_nightly_schedule_sweeps_the_whole_inbox(pipeline_env, dagster_instance):
     export = generate_export(pipeline_env.inbox, SyntheticExportSpec(smears=2, cells_per_smear=5, seed=35))
-    with dg.build_schedule_context(instance=dagster_instance, resources=_sensor_resources(pipeline_env)) as context:
+    with dg.build_schedule_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
         requests = nightly_import_schedule(context)
     expected = sorted(TEST_KEY.smear_id(smear.accession) for smear in export.smears)
     assert sorted(request.partition_key for request in requests) == expected

@@ -21,7 +21,7 @@ from hema_pipeline.defs.ingest import inbox_sensor
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
 from hema_pipeline.storage.object_store import LocalObjectStore
 from hema_pipeline_tests.phi import byte_hits, decoded_hits
-from hema_pipeline_tests.support import TEST_KEY, import_metadata, materialise_smear
+from hema_pipeline_tests.support import TEST_KEY, import_metadata, materialise_smear, sensor_resources
 
 CELLS = 8
 
@@ -126,7 +126,7 @@ def test_symlinks_are_never_followed_nor_copied(pipeline_env, dagster_instance, 
     assert len(links) == 3 and links["kept_key"].isna().all()
     assert byte_hits([pipeline_env.quarantine, pipeline_env.lake, pipeline_env.warehouse], ["TOP-SECRET-KEY-MATERIAL"]) == []
     # The symlinked smear folder in the inbox root is counted as a skip, never imported through the link.
-    with dg.build_sensor_context(instance=dagster_instance, resources=_sensor_resources(pipeline_env)) as context:
+    with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
         tick = inbox_sensor(context)
     assert len(tick.run_requests) == 3
 
@@ -301,11 +301,6 @@ def test_thousands_of_missing_images_write_one_warning(pipeline_env, dagster_ins
     assert len(_rows(pipeline_env, "select * from quarantine where reason_code = 'missing_image'")) == 2000
 
 
-def _sensor_resources(env):
-    resources = env.resources()
-    return {"inbox": resources["inbox"], "pseudonyms": resources["pseudonyms"]}
-
-
 def _long_path_inside(folder: Path) -> None:
     """Nest folders until the path is longer than PATH_MAX, working relative to each new folder."""
     descriptor = os.open(folder, os.O_RDONLY)
@@ -331,7 +326,7 @@ def test_bad_inbox_entries_never_stop_the_sensor_or_the_other_smears(pipeline_en
     (pipeline_env.inbox / "empty-folder").mkdir()
     _long_path_inside(export.smears[2].folder)
 
-    with dg.build_sensor_context(instance=dagster_instance, resources=_sensor_resources(pipeline_env)) as context:
+    with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
         tick = inbox_sensor(context)
     requested = {request.partition_key for request in tick.run_requests}
     assert {TEST_KEY.smear_id(smear.folder.name) for smear in export.smears} <= requested
@@ -356,13 +351,52 @@ def test_bad_inbox_entries_never_stop_the_sensor_or_the_other_smears(pipeline_en
 
 
 def test_sensor_cursor_does_not_skip_a_smear_changed_in_the_cursor_second(pipeline_env, dagster_instance, export):
-    with dg.build_sensor_context(instance=dagster_instance, resources=_sensor_resources(pipeline_env)) as context:
+    with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
         first = inbox_sensor(context)
     cursor = json.loads(first.cursor)["newest_change"]
     late = generate_export(pipeline_env.home / "late", SyntheticExportSpec(smears=1, cells_per_smear=3, seed=43))
     moved = late.smears[0].folder.rename(pipeline_env.inbox / late.smears[0].folder.name)
     for path in [moved, *moved.iterdir()]:
         os.utime(path, (cursor, cursor))
-    with dg.build_sensor_context(instance=dagster_instance, cursor=first.cursor, resources=_sensor_resources(pipeline_env)) as context:
+    with dg.build_sensor_context(instance=dagster_instance, cursor=first.cursor, resources=sensor_resources(pipeline_env)) as context:
         second = inbox_sensor(context)
     assert TEST_KEY.smear_id(moved.name) in {request.partition_key for request in second.run_requests}
+
+
+def test_a_different_key_is_refused_instead_of_doubling_every_row(pipeline_env, dagster_instance, export, monkeypatch):
+    folder = export.smears[0].folder
+    materialise_smear(pipeline_env, dagster_instance, folder.name)
+    before = len(_rows(pipeline_env, "select * from cells"))
+    other_key = "a7" * 32
+    monkeypatch.setenv("HEMA_PSEUDONYM_KEY", other_key)
+    from hema_pipeline.anonymise.pseudonymise import PseudonymKey
+
+    other = PseudonymKey(bytes.fromhex(other_key))
+    dagster_instance.add_dynamic_partitions("smears", [other.smear_id(folder.name)])
+    result = dg.materialize(
+        [__import__("hema_pipeline.defs.ingest", fromlist=["imported_smear"]).imported_smear],
+        partition_key=other.smear_id(folder.name),
+        resources=pipeline_env.resources(),
+        instance=dagster_instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.event_type_value == "STEP_FAILURE"]
+    assert "fingerprint" in failure.event_specific_data.error.message
+    assert other_key not in failure.event_specific_data.error.message
+    assert len(_rows(pipeline_env, "select * from cells")) == before
+    # The sensor refuses up front: no run is requested under the wrong key.
+    with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
+        tick = inbox_sensor(context)
+    assert not tick.run_requests and "fingerprint" in tick.skip_reason.skip_message
+
+
+def test_sensor_without_a_key_requests_nothing_and_says_why(pipeline_env, dagster_instance, export, monkeypatch):
+    monkeypatch.delenv("HEMA_PSEUDONYM_KEY")
+    with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
+        tick = inbox_sensor(context)
+    assert not tick.run_requests and "HEMA_PSEUDONYM_KEY" in tick.skip_reason.skip_message
+    monkeypatch.setenv("HEMA_PSEUDONYM_KEY", "5e" * 31 + "5")  # 63 hex characters: a typo, not a text key
+    with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
+        tick = inbox_sensor(context)
+    assert not tick.run_requests and tick.skip_reason is not None

@@ -72,7 +72,8 @@ def insert_smear(connection, smear_id: str, collected: dt.date, cells: dict[int,
     now = dt.datetime(2026, 11, 19, 8, 0)
     run_id = f"run-{smear_id[:4]}"
     connection.execute(
-        "insert into import_runs values (?, ?, 'dagster-1', ?, ?, 'imported', ?, ?, 0, 0)",
+        "insert into import_runs (import_run_id, smear_id, dagster_run_id, started_at, finished_at, status, files_seen, "
+        "cells_imported, cells_quarantined, cells_skipped_existing) values (?, ?, 'dagster-1', ?, ?, 'imported', ?, ?, 0, 0)",
         [run_id, smear_id, now, now, len(cells) + 1, len(cells)],
     )
     connection.execute(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from hema_pipeline.anonymise.pseudonymise import PseudonymKey
+from hema_pipeline.anonymise.pseudonymise import PseudonymConfigError, PseudonymKey
 from hema_pipeline.defs.resources import (
     InboxResource,
     PseudonymKeyResource,
@@ -59,7 +59,7 @@ def imported_smear(
 ) -> dg.MaterializeResult:
     smear_id = context.partition_key
     try:
-        with identifiable_zone("the import", smear_id):
+        with identifiable_zone("the import", smear_id, safe=(PseudonymConfigError,)):
             key = pseudonyms.key()
             source = inbox.inbox()
             smear = source.find_by_smear_id(smear_id, key)
@@ -68,6 +68,8 @@ def imported_smear(
             report = import_smear(
                 source.store, smear, key, import_targets(storage, warehouse), context.run_id, ImportLimits.from_settings()
             )
+    except PseudonymConfigError as error:
+        raise dg.Failure(description=str(error)) from None
     except ContainedError as error:
         raise dg.Failure(description=str(error)) from None
     if report.quarantined:
@@ -182,8 +184,16 @@ import_smears_job = dg.define_asset_job(
     description="Watches the inbox; adds a partition per new smear and requests its import.",
 )
 def inbox_sensor(
-    context: dg.SensorEvaluationContext, inbox: InboxResource, pseudonyms: PseudonymKeyResource
+    context: dg.SensorEvaluationContext,
+    inbox: InboxResource,
+    pseudonyms: PseudonymKeyResource,
+    warehouse: WarehouseResource,
 ) -> dg.SensorResult:
+    # Refuse up front: without a usable key (or under another key than the warehouse's) every requested
+    # import would start only to fail.
+    problem = pseudonyms.problem(warehouse)
+    if problem:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no imports requested: {problem}"))
     cursor = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(smear_partitions.name))
     try:
@@ -216,8 +226,14 @@ def inbox_sensor(
     ),
 )
 def nightly_import_schedule(
-    context: dg.ScheduleEvaluationContext, inbox: InboxResource, pseudonyms: PseudonymKeyResource
-) -> list[dg.RunRequest]:
+    context: dg.ScheduleEvaluationContext,
+    inbox: InboxResource,
+    pseudonyms: PseudonymKeyResource,
+    warehouse: WarehouseResource,
+) -> list[dg.RunRequest] | dg.SkipReason:
+    problem = pseudonyms.problem(warehouse)
+    if problem:
+        return dg.SkipReason(f"no imports requested: {problem}")
     known = set(context.instance.get_dynamic_partitions(smear_partitions.name))
     try:
         with identifiable_zone("the nightly inbox sweep"):

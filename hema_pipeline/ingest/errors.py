@@ -18,11 +18,15 @@ class ContainedError(RuntimeError):
 
 
 @contextmanager
-def identifiable_zone(operation: str, smear_id: str | None = None) -> Iterator[None]:
-    """Run ``operation`` so that any failure leaves as a ``ContainedError`` with no cause attached."""
+def identifiable_zone(
+    operation: str, smear_id: str | None = None, safe: tuple[type[Exception], ...] = ()
+) -> Iterator[None]:
+    """Run ``operation`` so that any failure leaves as a ``ContainedError`` with no cause attached.
+    ``safe`` lists error types whose messages are redacted by construction (the pseudonymisation set-up
+    errors, say); they pass unchanged, so the operator reads what to fix."""
     try:
         yield
-    except ContainedError:
+    except (ContainedError, *safe):
         raise
     except Exception as error:  # noqa: BLE001 - every kind must be contained, that is the point
         where = f" for smear {smear_id}" if smear_id else ""

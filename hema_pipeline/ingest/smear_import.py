@@ -32,7 +32,7 @@ from PIL import Image
 
 from hema_pipeline import settings
 from hema_pipeline.anonymise.images import ImageRejected, clean_cell_image
-from hema_pipeline.anonymise.pseudonymise import AnonymousSmear, PseudonymKey, anonymise_smear
+from hema_pipeline.anonymise.pseudonymise import AnonymousSmear, PseudonymKey, anonymise_smear, ensure_pseudonym_scheme
 from hema_pipeline.export.format import (
     MAX_METADATA_BYTES,
     CellEntry,
@@ -403,6 +403,9 @@ class _SmearImport:
         incoming = pd.DataFrame(rows, columns=list(CELL_COLUMNS))
         listed_ids = [cell.cell_id for cell in metadata.cells] if metadata is not None else []
         with self.targets.warehouse.connect() as connection:
+            # Before anything is written: rows pseudonymised under another key or normalisation would
+            # silently double every smear, cell and patient.
+            ensure_pseudonym_scheme(connection, self.key)
             existing = connection.execute(
                 f"select {', '.join(CELL_IDENTITY)} from cells where smear_id = ?", [self.smear_id]
             ).df()
