@@ -74,9 +74,14 @@ def _classify(args: argparse.Namespace) -> int:
     if not paths:
         print("hema classify: no image files found", file=sys.stderr)
         return 2
+    warehouse = Warehouse(args.warehouse or settings.warehouse_path())
+    if not warehouse.path.is_file():
+        # Opening a mistyped path would create an empty warehouse beside the real one.
+        print(f"hema classify: no warehouse at {warehouse.path} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
+        return 2
     lake = open_object_store(settings.lake_url(), endpoint_url=settings.s3_endpoint_url() or None)
     try:
-        loaded = load_model(lake, Warehouse(args.warehouse or settings.warehouse_path()), args.task, args.model)
+        loaded = load_model(lake, warehouse, args.task, args.model)
     except (KeyError, LookupError, ValueError) as error:
         print(f"hema classify: {error}", file=sys.stderr)
         return 2

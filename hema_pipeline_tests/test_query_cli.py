@@ -148,3 +148,14 @@ def test_missing_default_warehouse_through_the_installed_command(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "does not exist" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_classify_with_a_mistyped_warehouse_exits_2_and_creates_nothing(tmp_path):
+    from hema_pipeline.cli import main
+
+    image = tmp_path / "cell.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xd9")
+    typo = tmp_path / "warehuose.duckdb"
+    code = main(["classify", "-f", str(image), "-o", str(tmp_path / "out.csv"), "--warehouse", str(typo), "-q"])
+    assert code == 2
+    assert not typo.exists() and not (tmp_path / "out.csv").exists()
