@@ -300,3 +300,16 @@ def test_smear_reports_are_keyed_by_version(warehouse):
     markdown, differential = rows(warehouse, "select markdown, differential from smear_reports where report_version = ?", [report.report_version])[0]
     assert markdown == report.markdown()
     assert json.loads(differential)[0]["rows"][0]["class"] == "neutrophil"
+
+
+def test_a_withdrawn_cell_leaves_the_current_predictions_and_the_differential(warehouse):
+    before = rows(warehouse, "select count(*) from current_predictions where smear_id = ? and task = 'pbc'", [SMEAR_A])[0][0]
+    warehouse.execute("delete from cells where cell_uid = ?", [f"{SMEAR_A}:1"])
+    after = rows(warehouse, "select count(*) from current_predictions where smear_id = ? and task = 'pbc'", [SMEAR_A])[0][0]
+    assert after == before - 1
+    [(neutrophils,)] = rows(
+        warehouse,
+        "select cells from differential_per_smear where smear_id = ? and task = 'pbc' and cell_class = 'neutrophil'",
+        [SMEAR_A],
+    )
+    assert neutrophils == 4

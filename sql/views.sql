@@ -26,7 +26,9 @@ chosen as (
 )
 select p.*
 from predictions p
-join chosen on chosen.smear_id = p.smear_id and chosen.task = p.task and chosen.model_version = p.model_version;
+join chosen on chosen.smear_id = p.smear_id and chosen.task = p.task and chosen.model_version = p.model_version
+-- A cell withdrawn by a later re-export of its smear no longer counts, whatever was predicted for it.
+where exists (select 1 from cells c where c.cell_uid = p.cell_uid);
 
 -- The differential per smear and task from the current predictions: every class the model knows (a
 -- class with no cells shows 0), its accepted cells and its percentage of the accepted cells. Referred
