@@ -251,13 +251,15 @@ def test_reexport_is_authoritative_for_patient_labels_and_deletions(pipeline_env
     assert len(_rows(pipeline_env, "select * from cells")) == CELLS - 1
 
 
-def test_folders_that_differ_only_by_normalisation_are_quarantined_together(pipeline_env, dagster_instance):
+@pytest.mark.parametrize("twin", ["NFD", "trailing space"])
+def test_folders_that_differ_only_by_normalisation_are_quarantined_together(pipeline_env, dagster_instance, twin):
     accession = "H26-CAFÉ-000001"
     export = generate_export(pipeline_env.home / "staging", SyntheticExportSpec(smears=1, cells_per_smear=4, seed=42))
     source = export.smears[0].folder
     document = _document(source)
     document["accession"] = unicodedata.normalize("NFC", accession)
-    for name in (unicodedata.normalize("NFC", accession), unicodedata.normalize("NFD", accession)):
+    twin_name = unicodedata.normalize("NFD", accession) if twin == "NFD" else accession + " "
+    for name in (unicodedata.normalize("NFC", accession), twin_name):
         target = pipeline_env.inbox / name
         target.mkdir()
         for path in source.iterdir():
@@ -400,3 +402,21 @@ def test_sensor_without_a_key_requests_nothing_and_says_why(pipeline_env, dagste
     with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
         tick = inbox_sensor(context)
     assert not tick.run_requests and tick.skip_reason is not None
+
+
+def test_a_failing_inbox_scan_fails_the_tick_without_quoting_the_path(pipeline_env, dagster_instance, export, monkeypatch):
+    from hema_pipeline.defs.ingest import InboxScanFailed
+
+    victim = str(export.smears[0].folder / export.smears[0].image_names[sorted(export.smears[0].image_names)[0]])
+
+    def broken(self, prefix=""):
+        raise OSError(5, "Input/output error", victim)
+        yield  # pragma: no cover - makes this a generator like the real one
+
+    monkeypatch.setattr(LocalObjectStore, "list", broken)
+    with dg.build_sensor_context(instance=dagster_instance, resources=sensor_resources(pipeline_env)) as context:
+        with pytest.raises(InboxScanFailed) as failed:
+            inbox_sensor(context)
+    assert "OSError" in str(failed.value)
+    assert victim not in str(failed.value) and export.smears[0].accession not in str(failed.value)
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__

@@ -237,6 +237,8 @@ class S3ObjectStore:
         paginator = self._client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
             for item in page.get("Contents", []):
+                if item["Key"].endswith("/"):
+                    continue  # a "folder" marker written by a console or sync tool: no content
                 yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp())
 
     def uri(self, key: str) -> str:
