@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class DagsterServer:
     smear_ids: list[str]
     cells_per_smear: int
     log: Path
+    process: subprocess.Popen | None = None  # `dagster dev`, leader of its own process group
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
         request = urllib.request.Request(
@@ -147,17 +149,10 @@ def _train_a_champion_before_start(home: Path, dagster_home: Path) -> None:
                 assert configured.resolve_job_def("predict_smears").execute_in_process(instance=instance, partition_key=smear_id).success
 
 
-@pytest.fixture(scope="module")
-def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterServer]:
-    home = tmp_path_factory.mktemp("ui") / "hema"
-    dagster_home = home / "dagster_home"
-    dagster_home.mkdir(parents=True)
-    shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
-    _train_a_champion_before_start(home, dagster_home)
-    cells_per_smear = 12
-    export = generate_export(home / "inbox", SyntheticExportSpec(smears=2, cells_per_smear=cells_per_smear, seed=91))
-    port = _free_port()
-    environment = {
+def dagster_dev_environment(home: Path, dagster_home: Path, **overrides: str) -> dict[str, str]:
+    """The environment a test's `dagster dev` runs in: this process's minus any HEMA_* setting, a throw-away
+    HEMA_HOME and DAGSTER_HOME, the test key, and sensors that tick every few seconds."""
+    return {
         **{name: value for name, value in os.environ.items() if not name.startswith("HEMA_")},
         "HEMA_HOME": str(home),
         "DAGSTER_HOME": str(dagster_home),
@@ -169,8 +164,23 @@ def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster
         "HEMA_RETRAIN_SENSOR_INTERVAL_SECONDS": "3600",
         "GX_ANALYTICS_ENABLED": "false",
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **overrides,
     }
-    log = home / "dagster-dev.log"
+
+
+@contextmanager
+def running_dagster_dev(
+    home: Path,
+    dagster_home: Path,
+    environment: dict[str, str],
+    smear_ids: list[str] | None = None,
+    cells_per_smear: int = 0,
+    log_name: str = "dagster-dev.log",
+) -> Iterator[DagsterServer]:
+    """`dagster dev -w workspace.yaml` on a free 127.0.0.1 port, yielded once the code location has loaded;
+    stopped (its whole process group) on exit, its log copied to $HEMA_TEST_ARTIFACTS when set."""
+    port = _free_port()
+    log = home / log_name
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -186,9 +196,10 @@ def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster
         home=home,
         dagster_home=dagster_home,
         warehouse=home / "warehouse.duckdb",
-        smear_ids=sorted(TEST_KEY.smear_id(smear.folder.name) for smear in export.smears),
+        smear_ids=smear_ids or [],
         cells_per_smear=cells_per_smear,
         log=log,
+        process=process,
     )
 
     def code_location_loaded() -> bool:
@@ -214,12 +225,29 @@ def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster
         try:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        except ProcessLookupError:
+            pass  # the group is gone already (a test may kill it on purpose)
+        except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         artifacts = os.environ.get("HEMA_TEST_ARTIFACTS")
         if artifacts:
             Path(artifacts).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log, Path(artifacts) / "dagster-dev.log")
+            shutil.copyfile(log, Path(artifacts) / log_name)
+
+
+@pytest.fixture(scope="module")
+def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterServer]:
+    home = tmp_path_factory.mktemp("ui") / "hema"
+    dagster_home = home / "dagster_home"
+    dagster_home.mkdir(parents=True)
+    shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    _train_a_champion_before_start(home, dagster_home)
+    cells_per_smear = 12
+    export = generate_export(home / "inbox", SyntheticExportSpec(smears=2, cells_per_smear=cells_per_smear, seed=91))
+    smear_ids = sorted(TEST_KEY.smear_id(smear.folder.name) for smear in export.smears)
+    environment = dagster_dev_environment(home, dagster_home)
+    with running_dagster_dev(home, dagster_home, environment, smear_ids, cells_per_smear) as server:
+        yield server
 
 
 def test_daemon_imports_and_predicts_new_smears_on_its_own(dagster_server: DagsterServer) -> None:
