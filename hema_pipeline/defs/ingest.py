@@ -174,6 +174,9 @@ import_smears_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(imported_smear),
     partitions_def=smear_partitions,
     description="Import (and anonymise) one smear partition from the inbox.",
+    # An import takes seconds to minutes; one left STARTED by a crash of its code server is ended by run
+    # monitoring after this, not after the instance-wide limit sized for training (dagster.yaml).
+    tags={"dagster/max_runtime": "1800"},
 )
 
 
