@@ -51,7 +51,7 @@ class CalibrationHandle:
 
 
 class TrainingRunConfig(dg.Config):
-    architecture: str = ""  # compact | standard | large; empty: the task's hint
+    architecture: str = ""  # compact | standard | large | efficientnet_lite0 | efficientnet_lite2; empty: the task's hint
     # 70 cosine epochs is the measured pbc8 configuration (~36 min at 96 px on 2 CPU cores); validation
     # accuracy still swings by about a point between late epochs, so patience is long enough to let the
     # schedule finish and the best epoch be kept.

