@@ -69,6 +69,12 @@ def max_cell_file_bytes() -> int:
     return int(_env("HEMA_MAX_CELL_FILE_BYTES", str(32 * 1024 * 1024)))
 
 
+def import_max_runtime_seconds() -> int:
+    """An import run still STARTED after this (its code server died with it) is failed by run monitoring
+    and its writer slot freed; the instance-wide limit in dagster.yaml is sized for training."""
+    return int(_env("HEMA_IMPORT_MAX_RUNTIME_SECONDS", "1800"))
+
+
 def nightly_import_cron() -> str:
     return _env("HEMA_NIGHTLY_IMPORT_CRON", "30 2 * * *")
 

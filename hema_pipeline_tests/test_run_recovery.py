@@ -227,15 +227,21 @@ def test_killed_import_run_frees_the_writer_slot_and_is_retried(tmp_path: Path) 
 @pytest.mark.slow
 def test_run_left_started_by_a_crash_is_failed_by_monitoring(tmp_path: Path) -> None:
     """The whole of `dagster dev` dies mid-import (a host crash, `kill -9` of the service): nothing marks the
-    run, it is STARTED holding the slot after the restart, and only the monitoring daemon's
-    max_runtime_seconds ends it."""
+    run, it is STARTED holding the slot after the restart, and only the monitoring daemon's max runtime
+    (the import job's HEMA_IMPORT_MAX_RUNTIME_SECONDS) ends it."""
     import dagster as dg
 
     home, dagster_home = tmp_path / "hema", tmp_path / "hema" / "dagster_home"
     _write_test_config(dagster_home, max_runtime_seconds=TEST_MAX_RUNTIME_S)
     inbox = home / "inbox"
     killed_smear = _drop_smear(home, inbox, seed=311, cells=KILLED_SMEAR_CELLS)
-    environment = dagster_dev_environment(home, dagster_home, HEMA_INBOX_SENSOR_INTERVAL_SECONDS="2")
+    # The import job's own limit (its dagster/max_runtime tag) takes precedence over the instance's.
+    environment = dagster_dev_environment(
+        home,
+        dagster_home,
+        HEMA_INBOX_SENSOR_INTERVAL_SECONDS="2",
+        HEMA_IMPORT_MAX_RUNTIME_SECONDS=str(TEST_MAX_RUNTIME_S),
+    )
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         with running_dagster_dev(home, dagster_home, environment, log_name="dagster-dev-crash.log") as server:
             run, _, _ = _wait_for_step_in_progress(instance, server, killed_smear)

@@ -175,8 +175,8 @@ import_smears_job = dg.define_asset_job(
     partitions_def=smear_partitions,
     description="Import (and anonymise) one smear partition from the inbox.",
     # An import takes seconds to minutes; one left STARTED by a crash of its code server is ended by run
-    # monitoring after this, not after the instance-wide limit sized for training (dagster.yaml).
-    tags={"dagster/max_runtime": "1800"},
+    # monitoring after HEMA_IMPORT_MAX_RUNTIME_SECONDS, not after the instance-wide limit sized for training.
+    tags={"dagster/max_runtime": str(settings.import_max_runtime_seconds())},
 )
 
 
