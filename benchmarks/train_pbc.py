@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hema_pipeline.modeling.networks import ARCHITECTURE_PRESETS
 from hema_pipeline.settings import shared_data_dir
 
 LOG = logging.getLogger("train_pbc")
@@ -229,6 +230,7 @@ def train_and_calibrate(
     train_seed: int,
     test_time_views: int | None = None,
     ensemble_members: int | None = None,
+    learning_rate: float | None = None,
 ):
     """Run the pbc8_trained_model and pbc8_calibration asset bodies on ``dataset`` (a DatasetHandle)."""
     import dagster as dg
@@ -245,7 +247,10 @@ def train_and_calibrate(
             **{
                 name: value
                 for name, value in (
-                    ("epochs", epochs), ("early_stopping_patience", patience), ("ensemble_members", ensemble_members)
+                    ("epochs", epochs),
+                    ("early_stopping_patience", patience),
+                    ("ensemble_members", ensemble_members),
+                    ("learning_rate", learning_rate),
                 )
                 if value is not None
             },
@@ -372,7 +377,8 @@ def markdown_report(summary: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=None, help="DatasetBuildConfig default")
-    parser.add_argument("--architecture", default="standard", choices=["compact", "standard", "large"])
+    parser.add_argument("--architecture", default="standard", choices=sorted(ARCHITECTURE_PRESETS))
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (TrainingRunConfig default)")
     parser.add_argument("--epochs", type=int, default=None, help="TrainingRunConfig default")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingRunConfig default)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per class (quick runs)")
@@ -418,6 +424,7 @@ def main() -> None:
                 args.train_seed,
                 args.test_time_views,
                 args.ensemble_members,
+                args.learning_rate,
             )
         trained, calibrated = trained_output.value, calibration_output.value
         started = time.perf_counter()
