@@ -317,6 +317,67 @@ def test_bytes_after_the_last_mcu_are_refused(make, options):
     _assert_rejected(make(_jpeg(**options)), "corrupt_image")
 
 
+def _interval_ends(data: bytes) -> list[int]:
+    """Where each restart interval of a scan's data ends (at its RSTn, or the end of the data)."""
+    rst = [i for i in range(len(data) - 1) if data[i] == 0xFF and 0xD0 <= data[i + 1] <= 0xD7]
+    return rst + [len(data)]
+
+
+@pytest.mark.parametrize("count", [1, 3, 7])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"progressive": True}, {"restart_marker_blocks": 1}, {"restart_marker_blocks": 2, "progressive": True}],
+    ids=["baseline", "progressive", "restarts", "progressive_restarts"],
+)
+def test_a_few_bytes_after_the_last_mcu_of_any_interval_are_refused(options, count):
+    """libjpeg reads up to 7 bytes ahead into its bit buffer and warns only about junk it skipped after
+    that, so a strict decode alone lets a few bytes pass at the end of a scan or before an RSTn."""
+    import simplejpeg
+
+    items = _walk(_jpeg(**options))
+    hostile_files = []
+    for index in [i for i, (marker, _) in enumerate(items) if marker == DATA]:
+        data = items[index][1]
+        ends = _interval_ends(data)
+        for end in sorted(set(ends[:3] + ends[-2:])):
+            junk = data[:end] + b"\x5a" * count + data[end:]
+            hostile_files.append(_build(items[:index] + [(DATA, junk)] + items[index + 1 :]))
+    missed_by_libjpeg = 0
+    for hostile in hostile_files:
+        _assert_rejected(hostile, "corrupt_image")
+        try:
+            simplejpeg.decode_jpeg(hostile, colorspace="RGB", strict=True)
+            missed_by_libjpeg += 1
+        except ValueError:
+            pass
+    assert missed_by_libjpeg or count == 7  # the case this guards against does occur
+
+
+def _handmade_grey_jpeg(scan_bits: str) -> bytes:
+    """An 8 x 8 greyscale baseline JPEG with tiny Huffman tables (DC: '0' = category 0; AC: '0' = ZRL,
+    '10' = end-of-block, '110' = run 15 then a 1-bit value) and one block coded as ``scan_bits``."""
+    dqt = (0xDB, b"\x00" + bytes([255] * 64))
+    sof = (0xC0, struct.pack(">BHHB", 8, 8, 8, 1) + b"\x01\x11\x00")
+    dc = (0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")
+    ac = (0xC4, b"\x10" + bytes([1, 1, 1] + [0] * 13) + b"\xf0\x00\xf1")
+    sos = (SOS, b"\x01\x01\x00\x00\x3f\x00")
+    bits = scan_bits + "1" * (-len(scan_bits) % 8)
+    return _build([dqt, sof, dc, ac, sos, (DATA, int(bits, 2).to_bytes(len(bits) // 8, "big")), (EOI, b"")])
+
+
+def test_a_zero_run_past_the_end_of_a_block_is_decoded_as_libjpeg_does():
+    """Known limit (no entropy decode here): three ZRLs and a run of 15 put a coefficient at index 64.
+    libjpeg clamps it to the block's last coefficient without a warning; the file is accepted and
+    decodes to the same pixels as its original."""
+    plain = _handmade_grey_jpeg("0" + "10")  # DC 0, end-of-block: flat grey
+    assert np.all(_decode(plain) == 128)
+    _assert_clean(plain, _decode(plain))
+    overflowing = _handmade_grey_jpeg("0" + "000" + "110" + "1")
+    expected = _decode(overflowing)
+    assert not np.all(expected == 128)  # the clamped coefficient shows
+    _assert_clean(overflowing, expected)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Truncated and inconsistent files: refused
 

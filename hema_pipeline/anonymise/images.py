@@ -1,4 +1,4 @@
-"""Cell images: rebuild a JPEG from its parsed structure, prove its data complete, decode it in full.
+"""Cell images: rebuild a JPEG from its parsed structure, decode it in full with warnings as errors.
 
 ``clean_cell_image`` never copies a segment through. It parses the marker stream, validates each segment
 the decoder needs against its own length and the JPEG rules, and writes a new stream from the parsed
@@ -15,36 +15,46 @@ values only:
   truncated or internally inconsistent segments (table lengths that do not add up to the segment
   length, component counts that do not match, undefined tables or components), RSTn markers out of
   order and an incomplete set of scans.
-- The entropy-coded data is Huffman-decoded here (coefficients are skipped, not computed): every
-  restart interval of every scan must hold exactly the MCUs the frame declares, in valid codes, and
-  nothing else. Data that ends before the last MCU (a truncated scan followed by EOI, a frame header
-  larger than its data: libjpeg only warns and fills grey, and Pillow passes that as a good image) and
-  whole bytes after the last MCU of an interval (junk before the next marker, which libjpeg skips with
-  an "extraneous bytes" warning) are ``corrupt_image``. Unread padding bits of the last byte are set to
-  ones, stuffed 0xFF00 and restart markers are re-emitted, fill bytes are dropped.
+- The entropy-coded data is split at its RSTn markers, de-stuffed and written back as it was parsed
+  (re-stuffed, with RST0-7 renumbered in order; fill bytes are dropped). Each scan must have exactly
+  the restart intervals its MCUs need, every interval at least the fewest bits its MCUs can be coded in
+  (exactly the right length for a DC refinement scan), and a progressive image exactly one complete
+  progression (every coefficient of every component, each successive-approximation bit in order).
+  None of this needs the data decoded; it also refuses a huge frame header on a little data before
+  anything is decoded or allocated.
 - The frame size is checked against ``max_pixels`` before any entropy data is touched
-  (``image_too_large``; Pillow's decompression-bomb errors and warnings map to it too). Arithmetic
-  coding, lossless, hierarchical and non-8-bit JPEGs are ``unsupported_jpeg``.
-- The rebuilt stream is then decoded in full by Pillow (no draft scale), which must succeed and give
-  the header's size.
+  (``image_too_large``; Pillow's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``, maps to it too).
+  Arithmetic coding, lossless, hierarchical and non-8-bit JPEGs are ``unsupported_jpeg``.
+- The rebuilt stream is then decoded in full by libjpeg-turbo (``simplejpeg``, which releases the GIL)
+  with every libjpeg warning an error, and must give the header's size. libjpeg only *warns* where
+  data ends before the last MCU (a truncated scan followed by EOI, a frame header larger than its
+  data: it fills grey, and Pillow passes that as a good image), at invalid Huffman codes and where
+  whole bytes follow the last MCU of an interval (junk before the next marker, which it skips): all
+  are ``corrupt_image`` here. It reports that junk only in part (up to 7 bytes it has already read
+  into its bit buffer pass unreported at the end of a scan, and before an RSTn when the buffer already
+  holds the marker), so two more decodes at 1/8 DCT scale (which still decode every Huffman code)
+  prove each interval used to its last byte: one with an empty COM after each scan, where libjpeg
+  then reports the bytes it skipped before every RSTn of that scan, and, for each scan, one without
+  the last byte of its last interval, which must then run out of data.
 
 Not guaranteed: text an encoder hides *inside* the entropy-coded data, as coefficient values, decodes as
-pixel noise and cannot be removed without re-encoding, which would change the pixels a model sees. The
-pixels of the rebuilt file are bit-identical to those of the original.
+pixel noise and cannot be removed without re-encoding, which would change the pixels a model sees. Nor
+are the padding bits after the last code of each restart interval normalised: up to 7 bits per interval
+pass as the file had them. A zero run that goes past the end of a block (sequential, or past Se in a
+progressive AC scan) or, in an AC refinement scan, past the band's last zero coefficient is not
+detected: libjpeg clamps it without a warning, and Pillow decodes such a file the same way. The pixels
+of the rebuilt file are bit-identical to those of the original.
 
 Reasons are fixed texts: they never echo bytes or values from the file, because they reach logs.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+import simplejpeg
+from PIL import Image
 
 DEFAULT_MAX_PIXELS = 4_000_000  # a CellaVision cell is 360 x 363 = 130,680 pixels
 
@@ -63,7 +73,6 @@ _RST = range(0xD0, 0xD8)
 _UNSUPPORTED = {0xC3, 0xC5, 0xC6, 0xC7, 0xC8, 0xC9, 0xCA, 0xCB, 0xCC, 0xCD, 0xCE, 0xCF, 0xDE, 0xDF}
 _MAX_SCANS = 100  # libjpeg's progressive scripts use 6-10; each scan costs a pass over every block
 _MAX_BLOCKS_IN_MCU = 10  # libjpeg's D_MAX_BLOCKS_IN_MCU
-_PAD = b"\xff" * 16  # read past the end of an interval's data only to find that it is too short
 
 
 class ImageRejected(ValueError):
@@ -347,39 +356,7 @@ def _parse(data: bytes, max_pixels: int) -> _Parsed:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Entropy-coded data: Huffman-decode every scan to prove it holds exactly the declared MCUs
-
-
-# Analysers reuse a few sets of Huffman tables; a lookup list is 0.5 MB, a many-symbol one ~2 MB.
-@lru_cache(maxsize=32)
-def _lookup_table(counts: bytes, symbols: bytes, kind: str) -> list[int]:
-    """A 16-bit lookup table over the next 16 bits of data; 0 is an invalid code. Entries:
-    ``"dc"``: code length + magnitude bits; ``"ac"`` (sequential): bits consumed | (coefficient
-    positions advanced, 0 for end-of-block) << 8; ``"raw"``: code length | symbol << 5."""
-    table = [0] * 65536
-    code = 0
-    index = 0
-    for length in range(1, 17):
-        for _ in range(counts[length - 1]):
-            if code >= 1 << length:
-                raise _corrupt("Huffman table is over-subscribed")
-            symbol = symbols[index]
-            index += 1
-            if kind == "dc":
-                if symbol > 15:
-                    raise _corrupt("DC Huffman table has a symbol out of range")
-                entry = length + symbol
-            elif kind == "ac":
-                size, run = symbol & 0x0F, symbol >> 4
-                advance = run + 1 if size else (16 if run == 15 else 0)
-                entry = (length + size) | advance << 8
-            else:
-                entry = length | symbol << 5
-            shift = 16 - length
-            table[code << shift : (code + 1) << shift] = [entry] * (1 << shift)
-            code += 1
-        code <<= 1
-    return table
+# Scans: structure, progression and a lower bound on their data, all from the headers (no entropy decode)
 
 
 def _premature() -> ImageRejected:
@@ -390,278 +367,25 @@ def _bad_code() -> ImageRejected:
     return _corrupt("JPEG scan data is corrupt (invalid Huffman code or coefficient index)")
 
 
-def _whole_symbols(
-    single: np.ndarray, used: np.ndarray, advanced: np.ndarray, limit: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode sequential AC symbols from the 16-bit windows ``0..65535`` starting at bit ``used`` of
-    each, while each whole symbol fits in the window and ``advanced`` stays below ``limit``."""
-    window = np.arange(65536, dtype=np.int64)
-    end_of_block = np.zeros(65536, bool)
-    done = used > 16
-    for _ in range(16):
-        entry = single[(window << np.minimum(used, 16)) & 0xFFFF]
-        consumed, advance = entry & 0xFF, entry >> 8
-        fits = ~done & (entry != 0) & (used + consumed <= 16) & (advanced + advance < limit)
-        used = used + np.where(fits, consumed, 0)
-        advanced = advanced + np.where(fits, advance, 0)
-        ends = fits & (advance == 0)
-        end_of_block |= ends
-        done |= ~fits | ends
-        if done.all():
-            break
-    return used, advanced, end_of_block
+def _extraneous() -> ImageRejected:
+    return _corrupt("JPEG scan data has bytes after its last MCU (extraneous data)")
 
 
-@lru_cache(maxsize=8)
-def _multi_symbol_table(counts: bytes, symbols: bytes) -> list[int]:
-    """For sequential AC data: every whole symbol (code and magnitude bits) the next 16 bits hold, up to
-    and including an end-of-block. Entries: bits consumed | positions advanced << 5 | end-of-block << 15;
-    0 where not even one symbol fits (then the one-symbol table decides)."""
-    single = np.array(_lookup_table(counts, symbols, "ac"), dtype=np.int64)
-    used, advanced, end_of_block = _whole_symbols(single, np.zeros(65536, np.int64), np.zeros(65536, np.int64), 1024)
-    return np.where(used > 0, used | advanced << 5 | end_of_block.astype(np.int64) << 15, 0).tolist()
-
-
-@lru_cache(maxsize=8)
-def _block_start_table(dc_counts: bytes, dc_symbols: bytes, ac_counts: bytes, ac_symbols: bytes) -> list[int]:
-    """The DC symbol and then the AC symbols that the next 16 bits hold whole (as _multi_symbol_table),
-    never reaching the block's last coefficient; 0 where the DC symbol does not fit."""
-    dc = np.array(_lookup_table(dc_counts, dc_symbols, "dc"), dtype=np.int64)
-    single = np.array(_lookup_table(ac_counts, ac_symbols, "ac"), dtype=np.int64)
-    start = np.where(dc == 0, 17, dc)
-    used, advanced, end_of_block = _whole_symbols(single, start, np.zeros(65536, np.int64), 63)
-    entry = used | advanced << 5 | end_of_block.astype(np.int64) << 15
-    return np.where(start <= 16, entry, 0).tolist()
-
-
-def _sequential_interval(data: bytes, mcus: int, blocks: list[tuple[list[int], ...]]) -> int:
-    """Bits used by ``mcus`` MCUs of a sequential scan (``blocks``: for each block of an MCU, its
-    tables: block start, DC, AC many-symbol, AC one-symbol)."""
-    # Refilling from position n + 8 of n bytes means more than all n bytes were used (at least 64 bits
-    # were pulled from the padding and fewer than 32 remain): the data is too short.
-    last = len(data) + 7
-    data += _PAD
-    from_bytes = int.from_bytes
-    accumulator = 0
-    available = 0
-    position = 0
-    try:
-        for _ in range(mcus):
-            for start, dc, multi, ac in blocks:
-                if available < 32:
-                    if position > last:
-                        raise _premature()
-                    accumulator = ((accumulator & ((1 << available) - 1)) << 48) | from_bytes(
-                        data[position : position + 6], "big"
-                    )
-                    position += 6
-                    available += 48
-                peek = (accumulator >> (available - 16)) & 0xFFFF
-                entry = start[peek]
-                if entry:
-                    available -= entry & 0x1F
-                    if entry >> 15:
-                        continue
-                    k = 1 + ((entry >> 5) & 0x3FF)
-                else:
-                    entry = dc[peek]
-                    if not entry:
-                        raise _bad_code()
-                    available -= entry
-                    k = 1
-                while k < 64:
-                    if available < 32:
-                        if position > last:
-                            raise _premature()
-                        accumulator = ((accumulator & ((1 << available) - 1)) << 48) | from_bytes(
-                            data[position : position + 6], "big"
-                        )
-                        position += 6
-                        available += 48
-                    peek = (accumulator >> (available - 16)) & 0xFFFF
-                    entry = multi[peek]
-                    if entry and k + ((entry >> 5) & 0x3FF) < 64:
-                        available -= entry & 0x1F
-                        if entry >> 15:
-                            break
-                        k += (entry >> 5) & 0x3FF
-                        continue
-                    entry = ac[peek]
-                    if not entry:
-                        raise _bad_code()
-                    available -= entry & 0xFF
-                    entry >>= 8
-                    if not entry:
-                        break
-                    k += entry
-                if k > 64:
-                    raise _bad_code()
-    except ImageRejected:
-        if 8 * position - available + 16 > 8 * (last - 7):
-            raise _premature() from None  # an invalid code read from beyond the data: the data is short
-        raise
-    return 8 * position - available
-
-
-# The progressive scans (rare in cell images) read bits at an absolute position ``position`` of the
-# data (padded with _PAD): the next 16 bits are (int.from_bytes(data[byte : byte + 3]) >> (8 - bit)),
-# with byte, bit = divmod(position, 8). Whatever fails while a read reached past the end is "too short".
-
-
-def _dc_first_interval(data: bytes, mcus: int, tables: list[list[int]]) -> int:
-    end = 8 * len(data)
-    data += _PAD
-    from_bytes = int.from_bytes
-    position = 0
-    try:
-        for _ in range(mcus):
-            for table in tables:
-                byte = position >> 3
-                entry = table[(from_bytes(data[byte : byte + 3], "big") >> (8 - (position & 7))) & 0xFFFF]
-                if not entry:
-                    raise _bad_code()
-                position += entry
-            if position > end:
-                raise _premature()
-    except ImageRejected:
-        if position + 16 > end:
-            raise _premature() from None
-        raise
-    return position
-
-
-def _ac_first_interval(data: bytes, blocks: range, table: list[int], ss: int, se: int, masks: list[int]) -> int:
-    end = 8 * len(data)
-    data += _PAD
-    from_bytes = int.from_bytes
-    position = 0
-    try:
-        block = blocks.start
-        eob_run = 0
-        while block < blocks.stop:
-            if eob_run:
-                skipped = min(eob_run, blocks.stop - block)
-                block += skipped
-                eob_run -= skipped
-                continue
-            mask = masks[block]
-            k = ss
-            while k <= se:
-                byte = position >> 3
-                entry = table[(from_bytes(data[byte : byte + 3], "big") >> (8 - (position & 7))) & 0xFFFF]
-                if not entry:
-                    raise _bad_code()
-                position += entry & 31
-                size, run = (entry >> 5) & 0x0F, entry >> 9
-                if size:
-                    k += run
-                    if k > se:
-                        raise _bad_code()
-                    position += size
-                    mask |= 1 << k
-                    k += 1
-                elif run == 15:
-                    k += 16
-                    if k > se + 1:
-                        raise _bad_code()
-                else:
-                    eob_run = (1 << run) - 1
-                    if run:
-                        byte = position >> 3
-                        window = from_bytes(data[byte : byte + 4], "big")
-                        eob_run += (window >> (32 - (position & 7) - run)) & ((1 << run) - 1)
-                        position += run
-                    break
-            masks[block] = mask
-            block += 1
-            if position > end:
-                raise _premature()
-    except ImageRejected:
-        if position + 16 > end:
-            raise _premature() from None
-        raise
-    return position
-
-
-def _ac_refine_interval(data: bytes, blocks: range, table: list[int], ss: int, se: int, masks: list[int]) -> int:
-    end = 8 * len(data)
-    data += _PAD
-    from_bytes = int.from_bytes
-    position = 0
-    try:
-        band = ((1 << (se + 1)) - 1) & ~((1 << ss) - 1)
-        eob_run = 0
-        block = blocks.start
-        while block < blocks.stop:
-            if eob_run:
-                # Blocks inside an end-of-band run: one correction bit per already-nonzero coefficient.
-                skipped = min(eob_run, blocks.stop - block)
-                position += sum((mask & band).bit_count() for mask in masks[block : block + skipped])
-                block += skipped
-                eob_run -= skipped
-                if position > end:
-                    raise _premature()
-                continue
-            mask = masks[block]
-            k = ss
-            while k <= se:
-                byte = position >> 3
-                entry = table[(from_bytes(data[byte : byte + 3], "big") >> (8 - (position & 7))) & 0xFFFF]
-                if not entry:
-                    raise _bad_code()
-                position += entry & 31
-                size, run = (entry >> 5) & 0x0F, entry >> 9
-                if size:
-                    if size != 1:
-                        raise _bad_code()
-                    position += 1  # sign of the newly nonzero coefficient
-                elif run != 15:
-                    eob_run = 1 << run
-                    if run:
-                        byte = position >> 3
-                        window = from_bytes(data[byte : byte + 4], "big")
-                        eob_run += (window >> (32 - (position & 7) - run)) & ((1 << run) - 1)
-                        position += run
-                    # The rest of this block is the run's first block.
-                    position += (mask & band & ~((1 << k) - 1)).bit_count()
-                    eob_run -= 1
-                    break
-                # Pass `run` still-zero coefficients and stop at the next one (the new coefficient's
-                # place, or the 16th zero of a ZRL); every already-nonzero one passed has a correction bit.
-                zeros = ~mask & band & ~((1 << k) - 1)
-                for _ in range(run):
-                    zeros &= zeros - 1
-                if not zeros:
-                    raise _bad_code()
-                target = (zeros & -zeros).bit_length() - 1
-                position += (mask & ((1 << target) - (1 << k))).bit_count()
-                k = target
-                if size:
-                    mask |= 1 << k
-                k += 1
-            masks[block] = mask
-            block += 1
-            if position > end:
-                raise _premature()
-    except ImageRejected:
-        if position + 16 > end:
-            raise _premature() from None
-        raise
-    return position
-
-
-def _finish_interval(data: bytes, used_bits: int) -> bytes:
-    """The interval's data as written: every byte must hold bits the decoder reads (libjpeg warns of
-    "extraneous bytes" otherwise, which this treats as an error); unread padding bits are set to one."""
-    if used_bits > 8 * len(data):
-        raise _premature()
-    if len(data) - (used_bits + 7) // 8:
-        raise _corrupt("JPEG scan data has bytes after its last MCU (extraneous data)")
-    if not used_bits % 8:
-        return data
-    kept = bytearray(data)
-    kept[-1] |= (1 << (8 - used_bits % 8)) - 1
-    return bytes(kept)
+def _shortest_code(table: _HuffmanTable) -> int:
+    """The length of the table's shortest code (a lower bound on the bits of one symbol), after the
+    checks libjpeg makes when it builds a decoding table."""
+    code = 0
+    for length, count in enumerate(table.counts, 1):
+        code += count
+        if code > 1 << length:
+            raise _corrupt("Huffman table is over-subscribed")
+        code <<= 1
+    if table.table_class == 0 and any(symbol > 15 for symbol in table.symbols):
+        raise _corrupt("DC Huffman table has a symbol out of range")
+    shortest = next((length for length, count in enumerate(table.counts, 1) if count), 0)
+    if not shortest:
+        raise _bad_code()  # a table without codes: no symbol of the scan can be decoded
+    return shortest
 
 
 def _block_count(size: int, sampling: int, max_sampling: int) -> int:
@@ -670,8 +394,10 @@ def _block_count(size: int, sampling: int, max_sampling: int) -> int:
 
 
 def _check_scans(parsed: _Parsed) -> None:
-    """Huffman-decode every scan in file order (tables and restart interval as in effect at each),
-    check the progression and replace each scan's intervals by exactly the data the decoder uses."""
+    """Check every scan in file order (tables and restart interval as in effect at each): the tables
+    it uses, its number of restart intervals and their RSTn sequence, its place in the progression, and
+    that each interval holds at least the fewest bits its MCUs can be coded in. Whether the data decodes,
+    exactly, is left to the strict decode in ``clean_cell_image``."""
     frame = parsed.frame
     assert frame is not None
     components = frame.components
@@ -686,14 +412,13 @@ def _check_scans(parsed: _Parsed) -> None:
     huffman: dict[tuple[int, int], _HuffmanTable] = {}
     restart_interval = 0
     coefficient_bits = [[-1] * 64 for _ in components]  # progressive: the last Al of each coefficient
-    masks: list[list[int] | None] = [None] * len(components)  # progressive: nonzero AC coefficients
     scanned = [False] * len(components)
 
-    def lookup(table_class: int, ident: int, kind: str) -> list[int]:
+    def shortest(table_class: int, ident: int) -> int:
         table = huffman.get((table_class, ident))
         if table is None:
             raise _corrupt("scan uses a Huffman table that is not defined")
-        return _lookup_table(table.counts, table.symbols, kind)
+        return _shortest_code(table)
 
     for marker, value in parsed.segments:
         if marker == DQT:
@@ -711,7 +436,7 @@ def _check_scans(parsed: _Parsed) -> None:
             if len(scan.components) == 1:
                 index = scan.components[0][0]
                 width, height = block_shape[index]
-                total_mcus, blocks_per_mcu = width * height, 1
+                total_mcus = width * height
             else:
                 total_mcus = mcus_x * mcus_y
                 blocks_per_mcu = sum(components[index].h * components[index].v for index, _, _ in scan.components)
@@ -726,8 +451,11 @@ def _check_scans(parsed: _Parsed) -> None:
                 raise _corrupt("scan has the wrong number of restart intervals for its MCUs")
             if any(number != index % 8 for index, number in enumerate(scan.restart_markers)):
                 raise _corrupt("restart markers out of sequence")
-            intervals = [(start, min(per_interval, total_mcus - start)) for start in range(0, total_mcus, per_interval)]
+            mcus = [min(per_interval, total_mcus - start) for start in range(0, total_mcus, per_interval)]
 
+            # The fewest bits an MCU can take: exact for a DC refinement (one bit per block), a lower
+            # bound otherwise (every block has a DC symbol and at least one AC symbol or end-of-band).
+            exact = False
             if not frame.progressive:
                 if (scan.ss, scan.se, scan.ah, scan.al) != (0, 63, 0, 0):
                     raise _corrupt("sequential scan with progressive parameters")
@@ -735,17 +463,29 @@ def _check_scans(parsed: _Parsed) -> None:
                     if scanned[index]:
                         raise _corrupt("component appears in more than one scan")
                     scanned[index] = True
-                blocks = []
-                for index, dc, ac in scan.components:
-                    count = 1 if len(scan.components) == 1 else components[index].h * components[index].v
-                    dc_table, ac_table = lookup(0, dc, "dc"), lookup(1, ac, "ac")  # checks that both exist
-                    d, a = huffman[(0, dc)], huffman[(1, ac)]
-                    start = _block_start_table(d.counts, d.symbols, a.counts, a.symbols)
-                    blocks += [(start, dc_table, _multi_symbol_table(a.counts, a.symbols), ac_table)] * count
-                used = [_sequential_interval(data, n, blocks) for data, (_, n) in zip(scan.intervals, intervals)]
+                bits_per_mcu = sum(
+                    _blocks_in_mcu(scan, components, index) * (shortest(0, dc) + shortest(1, ac))
+                    for index, dc, ac in scan.components
+                )
             else:
-                used = _check_progressive_scan(scan, intervals, components, block_shape, coefficient_bits, masks, lookup)
-            scan.intervals = [_finish_interval(data, bits) for data, bits in zip(scan.intervals, used)]
+                _check_progression(scan, coefficient_bits)
+                if scan.ss == 0 and scan.ah:
+                    exact = True
+                    bits_per_mcu = sum(_blocks_in_mcu(scan, components, index) for index, _, _ in scan.components)
+                elif scan.ss == 0:
+                    bits_per_mcu = sum(
+                        _blocks_in_mcu(scan, components, index) * shortest(0, dc) for index, dc, _ in scan.components
+                    )
+                else:
+                    shortest(1, scan.components[0][2])
+                    bits_per_mcu = 0  # an end-of-band run covers up to 32,767 blocks with a few bits
+            for data, count in zip(scan.intervals, mcus):
+                if 8 * len(data) < count * bits_per_mcu:
+                    raise _premature()
+                if exact and len(data) > -(-count * bits_per_mcu // 8):
+                    raise _extraneous()
+                if not data:
+                    raise _premature()  # every MCU takes at least one bit
 
     if frame.progressive:
         if any(bit != 0 for bits in coefficient_bits for bit in bits):
@@ -754,16 +494,13 @@ def _check_scans(parsed: _Parsed) -> None:
         raise _corrupt("JPEG is missing the scan of a colour component")
 
 
-def _check_progressive_scan(
-    scan: _Scan,
-    intervals: list[tuple[int, int]],
-    components: tuple[_Component, ...],
-    block_shape: list[tuple[int, int]],
-    coefficient_bits: list[list[int]],
-    masks: list[list[int] | None],
-    lookup: Callable[[int, int, str], list[int]],
-) -> list[int]:
-    """Bits used by each interval of one progressive scan, after checking its place in the progression."""
+def _blocks_in_mcu(scan: _Scan, components: tuple[_Component, ...], index: int) -> int:
+    return 1 if len(scan.components) == 1 else components[index].h * components[index].v
+
+
+def _check_progression(scan: _Scan, coefficient_bits: list[list[int]]) -> None:
+    """Check one progressive scan's parameters and its place in the progression (``coefficient_bits``:
+    for each component and coefficient, the Al of the last scan that coded it, -1 before the first)."""
     ss, se, ah, al = scan.ss, scan.se, scan.ah, scan.al
     if ss == 0:
         if se != 0:
@@ -780,40 +517,25 @@ def _check_progressive_scan(
             if bits[k] != (ah if ah else -1):
                 raise _corrupt("progressive scans out of order")
             bits[k] = al
-    if ss == 0:
-        if ah:  # DC refinement: one bit per block, no Huffman codes
-            per_mcu = sum(
-                1 if len(scan.components) == 1 else components[index].h * components[index].v
-                for index, _, _ in scan.components
-            )
-            return [n * per_mcu for _, n in intervals]
-        tables = []
-        for index, dc, _ in scan.components:
-            count = 1 if len(scan.components) == 1 else components[index].h * components[index].v
-            tables += [lookup(0, dc, "dc")] * count
-        return [_dc_first_interval(data, n, tables) for data, (_, n) in zip(scan.intervals, intervals)]
-    index, _, ac = scan.components[0]
-    component_masks = masks[index]
-    if component_masks is None:
-        width, height = block_shape[index]
-        component_masks = masks[index] = [0] * (width * height)
-    table = lookup(1, ac, "raw")
-    walk = _ac_refine_interval if ah else _ac_first_interval
-    return [
-        walk(data, range(start, start + n), table, ss, se, component_masks)
-        for data, (start, n) in zip(scan.intervals, intervals)
-    ]
-
 
 # ---------------------------------------------------------------------------------------------------
 # Writing the new stream
+
+
+@dataclass(frozen=True)
+class _ScanEnd:
+    offset: int  # where the scan's entropy-coded data ends in the new stream
+    last_byte: int  # bytes its last data byte takes there (2 for a stuffed 0xFF00)
+    restarts: bool  # the scan has more than one restart interval
+    probe: bool  # whether its last byte needs the decoder's proof (not for a DC refinement: exact size)
 
 
 def _segment(marker: int, payload: bytes) -> bytes:
     return bytes((0xFF, marker)) + (len(payload) + 2).to_bytes(2, "big") + payload
 
 
-def _serialise(parsed: _Parsed) -> bytes:
+def _serialise(parsed: _Parsed, scan_ends: list[_ScanEnd] | None = None) -> bytes:
+    """The new stream; ``scan_ends`` gets where each scan's data ends in it (see ``_ScanEnd``)."""
     out = bytearray(b"\xff\xd8")
     if parsed.jfif is not None:
         minor, units, x_density, y_density = parsed.jfif
@@ -858,50 +580,103 @@ def _serialise(parsed: _Parsed) -> bytes:
                 if number:
                     out += bytes((0xFF, 0xD0 + (number - 1) % 8))
                 out += data.replace(b"\xff", b"\xff\x00")
+            if scan_ends is not None:
+                refinement = parsed.frame.progressive and scan.ss == 0 and scan.ah > 0  # type: ignore[union-attr]
+                last_byte = 2 if scan.intervals[-1][-1:] == b"\xff" else 1
+                scan_ends.append(_ScanEnd(len(out), last_byte, len(scan.intervals) > 1, not refinement))
     out += b"\xff\xd9"
     return bytes(out)
 
 
-def _rebuild(data: bytes, max_pixels: int) -> tuple[bytes, _Frame]:
+def _rebuild(data: bytes, max_pixels: int, scan_ends: list[_ScanEnd] | None = None) -> tuple[bytes, _Frame]:
     parsed = _parse(data, max_pixels)
     _check_scans(parsed)
     assert parsed.frame is not None
-    return _serialise(parsed), parsed.frame
+    return _serialise(parsed, scan_ends), parsed.frame
 
 
 def strip_jpeg_metadata(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-    """The JPEG rebuilt from its parsed decoding segments and the entropy-coded data its decoder uses
-    (see the module docstring); raises ``ImageRejected``. Does not run the pixel decode."""
+    """The JPEG rebuilt from its parsed decoding segments and its entropy-coded data as parsed (see the
+    module docstring); raises ``ImageRejected``. Structure only: it does not decode, so it does not
+    prove the data complete or free of extraneous bytes (``clean_cell_image`` does)."""
     return _rebuild(data, max_pixels)[0]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Decoding: libjpeg-turbo with every warning an error
+
+_COLORSPACE = {1: "GRAY", 3: "RGB", 4: "CMYK"}  # libjpeg converts YCbCr, and YCCK to CMYK, itself
+_PREMATURE_END = "premature end"  # libjpeg's JWRN_HIT_MARKER: the decoder needed bits past the data
+
+
+def _decode_failure(message: str) -> ImageRejected:
+    """A fixed reason for a decoder error (its message is classified, never passed on)."""
+    if _PREMATURE_END in message:
+        return _premature()
+    if "extraneous bytes" in message:
+        return _extraneous()
+    if "Huffman" in message:
+        return _bad_code()
+    return _corrupt("JPEG does not decode")
+
+
+def _strict_decode(jpeg: bytes, colorspace: str, **scale: int) -> np.ndarray:
+    try:
+        return simplejpeg.decode_jpeg(jpeg, colorspace=colorspace, strict=True, **scale)
+    except (ValueError, RuntimeError) as error:
+        raise _decode_failure(str(error)) from None
+    except MemoryError:
+        raise _corrupt("JPEG does not decode") from None
+
+
+def _check_every_byte_read(rebuilt: bytes, colorspace: str, scan_ends: list[_ScanEnd]) -> None:
+    """Prove that no restart interval has whole bytes after its last MCU. libjpeg's strict decode sees
+    only some: its bit buffer reads up to 7 bytes ahead; what is left in it at an RSTn is added to a
+    count of skipped bytes that is reported only when libjpeg next searches for a marker (it does not
+    when the buffer has already reached the marker), and what is left at the end of a scan is dropped.
+    Two kinds of decode at 1/8 DCT scale (which still decodes every Huffman code) close that:
+
+    - with an empty COM segment after each scan's data, where libjpeg searches for the next marker and
+      so reports the bytes left before every RSTn of that scan (only for scans with restart intervals);
+    - for each scan, without the last byte of its last interval, which must then run out of data."""
+    scale = {"min_height": 1, "min_width": 1, "min_factor": 8}
+    if any(end.restarts for end in scan_ends):
+        pieces, start = [], 0
+        for end in scan_ends:
+            pieces += [rebuilt[start : end.offset], b"\xff\xfe\x00\x02"]
+            start = end.offset
+        _strict_decode(b"".join(pieces) + rebuilt[start:], colorspace, **scale)
+    for end in scan_ends:
+        if not end.probe:
+            continue
+        shortened = rebuilt[: end.offset - end.last_byte] + rebuilt[end.offset :]
+        try:
+            simplejpeg.decode_jpeg(shortened, colorspace=colorspace, strict=True, **scale)
+        except (ValueError, RuntimeError) as error:
+            if _PREMATURE_END in str(error):
+                continue
+            raise _decode_failure(str(error)) from None
+        except MemoryError:
+            raise _corrupt("JPEG does not decode") from None
+        raise _extraneous()
+
+
 def clean_cell_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> CleanImage:
-    """Rebuild the JPEG without metadata, prove its entropy-coded data complete, then decode it in full:
-    a truncated, corrupt or oversized file is rejected here, not when a model later trips over it."""
+    """Rebuild the JPEG without metadata, then decode it in full with every decoder warning an error
+    and prove each scan's data used to its last byte: a truncated, corrupt or oversized file is rejected
+    here, not when a model later trips over it."""
     if not data:
         raise ImageRejected(NOT_AN_IMAGE, "empty file")
-    rebuilt, frame = _rebuild(data, max_pixels)
-    frame_size = (frame.width, frame.height)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(rebuilt)) as image:
-                if image.format != "JPEG":
-                    raise ImageRejected(NOT_AN_IMAGE, "not a JPEG image")
-                if image.size != frame_size:
-                    raise _corrupt("decoder reads a different size than the frame header")
-                image.load()
-                if image.size != frame_size:
-                    raise _corrupt("decoded size differs from the frame header")
-                if image.mode not in ("RGB", "L", "CMYK"):
-                    raise ImageRejected(UNSUPPORTED_JPEG, "unsupported JPEG colour mode")
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(IMAGE_TOO_LARGE, "image exceeds the decoder's decompression-bomb limit") from None
-    except UnidentifiedImageError:
-        raise ImageRejected(NOT_AN_IMAGE, "not a readable image") from None
-    except (OSError, SyntaxError, ValueError, MemoryError):
-        raise _corrupt("JPEG does not decode") from None
-    return CleanImage(jpeg=rebuilt, width=frame_size[0], height=frame_size[1])
-
+    scan_ends: list[_ScanEnd] = []
+    rebuilt, frame = _rebuild(data, max_pixels, scan_ends)
+    # Pillow decodes these files later (training, classify): its decompression-bomb guard (a warning
+    # above MAX_IMAGE_PIXELS, an error above twice that) is honoured here, before the decode.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and frame.width * frame.height > limit:
+        raise ImageRejected(IMAGE_TOO_LARGE, "image exceeds the decoder's decompression-bomb limit")
+    colorspace = _COLORSPACE[len(frame.components)]
+    decoded = _strict_decode(rebuilt, colorspace)
+    if decoded.shape[:2] != (frame.height, frame.width):
+        raise _corrupt("decoded size differs from the frame header")
+    _check_every_byte_read(rebuilt, colorspace, scan_ends)
+    return CleanImage(jpeg=rebuilt, width=frame.width, height=frame.height)
