@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hema_pipeline.defs.ingest import inbox_sensor
+from hema_pipeline.defs.ingest import imported_smear, inbox_sensor
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
 from hema_pipeline.storage.object_store import LocalObjectStore
 from hema_pipeline_tests.phi import byte_hits, decoded_hits
@@ -337,7 +337,7 @@ def test_bad_inbox_entries_never_stop_the_sensor_or_the_other_smears(pipeline_en
     for request in tick.run_requests:
         dagster_instance.add_dynamic_partitions("smears", [request.partition_key])
         result = dg.materialize(
-            [__import__("hema_pipeline.defs.ingest", fromlist=["imported_smear"]).imported_smear],
+            [imported_smear],
             partition_key=request.partition_key,
             resources=pipeline_env.resources(),
             instance=dagster_instance,
@@ -376,7 +376,7 @@ def test_a_different_key_is_refused_instead_of_doubling_every_row(pipeline_env, 
     other = PseudonymKey(bytes.fromhex(other_key))
     dagster_instance.add_dynamic_partitions("smears", [other.smear_id(folder.name)])
     result = dg.materialize(
-        [__import__("hema_pipeline.defs.ingest", fromlist=["imported_smear"]).imported_smear],
+        [imported_smear],
         partition_key=other.smear_id(folder.name),
         resources=pipeline_env.resources(),
         instance=dagster_instance,

@@ -68,9 +68,8 @@ def imported_smear(
             report = import_smear(
                 source.store, smear, key, import_targets(storage, warehouse), context.run_id, ImportLimits.from_settings()
             )
-    except PseudonymConfigError as error:
-        raise dg.Failure(description=str(error)) from None
-    except ContainedError as error:
+    except (PseudonymConfigError, ContainedError) as error:
+        # Both messages are safe by construction: no key, path or identifier.
         raise dg.Failure(description=str(error)) from None
     if report.quarantined:
         # One line per reason, not per cell: a smear of 20,000 missing images is one warning, not 20,000.
@@ -125,6 +124,7 @@ def plan_imports(
     newer_than: float = 0.0,
     now: float | None = None,
     already_requested: frozenset[str] = frozenset(),
+    trigger: str = "inbox",
 ) -> ImportPlan:
     """New partitions and run requests for the ready smears whose newest change is at or after
     ``newer_than``.
@@ -157,7 +157,7 @@ def plan_imports(
             continue
         if smear_id not in known_partitions and smear_id not in new_partitions:
             new_partitions.append(smear_id)
-        requests.append(dg.RunRequest(run_key=run_key, partition_key=smear_id, tags={"hema/trigger": "inbox"}))
+        requests.append(dg.RunRequest(run_key=run_key, partition_key=smear_id, tags={"hema/trigger": trigger}))
     if oldest_waiting is not None:
         newest = min(newest, oldest_waiting)
     at_cursor = sorted(run_key for changed, run_key in candidates if changed >= newest)
@@ -240,13 +240,10 @@ def nightly_import_schedule(
     known = set(context.instance.get_dynamic_partitions(smear_partitions.name))
     try:
         with identifiable_zone("the nightly inbox sweep"):
-            plan = plan_imports(inbox.inbox(), pseudonyms.key(), known)
+            plan = plan_imports(inbox.inbox(), pseudonyms.key(), known, trigger="nightly")
     except ContainedError as error:
         raise InboxScanFailed(str(error)) from None
     context.log.info(_describe(plan))
     if plan.new_partitions:
         context.instance.add_dynamic_partitions(smear_partitions.name, plan.new_partitions)
-    return [
-        dg.RunRequest(run_key=request.run_key, partition_key=request.partition_key, tags={"hema/trigger": "nightly"})
-        for request in plan.run_requests
-    ]
+    return plan.run_requests

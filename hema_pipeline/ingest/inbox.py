@@ -81,9 +81,6 @@ class InboxListing:
     smears: tuple[InboxSmear, ...]
     skipped: dict[str, int]  # reason -> number of root entries that are not smear folders
 
-    def describe_skipped(self) -> str:
-        return ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items())) or "none"
-
 
 class Inbox:
     def __init__(self, store: ObjectStore, settle_seconds: float = 300.0) -> None:

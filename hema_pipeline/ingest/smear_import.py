@@ -92,12 +92,13 @@ DUPLICATE_FOLDER = "duplicate_folder"
 
 @dataclass(frozen=True)
 class ImportLimits:
-    """What a cell file may be. Defaults from the environment (docs/settings.md)."""
+    """What a cell file may be; ``from_settings`` gives the configured values (docs/settings.md), which
+    are the only defaults."""
 
-    max_file_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 4_000_000
-    width_range: tuple[int, int] = (300, 400)
-    height_range: tuple[int, int] = (300, 400)
+    max_file_bytes: int
+    max_pixels: int
+    width_range: tuple[int, int]
+    height_range: tuple[int, int]
 
     @classmethod
     def from_settings(cls) -> ImportLimits:
