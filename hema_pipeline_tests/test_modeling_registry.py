@@ -18,6 +18,7 @@ from hema_pipeline.modeling.calibration import (
     evaluate_referral,
     fit_ood_threshold,
     fit_referral_policy,
+    referral_threshold_candidates,
     softmax,
 )
 from hema_pipeline.modeling.evaluation import evaluate_logits
@@ -62,7 +63,8 @@ def _card(
 ) -> ModelCard:
     logits, labels = _test_split_logits(wrong)
     probabilities = softmax(logits, temperature)
-    referral = fit_referral_policy(probabilities, labels, CLASSES, target_accuracy=0.99, min_cells_per_class=20)
+    candidates = referral_threshold_candidates(probabilities.max(axis=1), len(labels), 0.9, 0.9)
+    referral = fit_referral_policy(probabilities, labels, CLASSES, candidates, target_accuracy=0.9, confidence=0.9)
     threshold = fit_ood_threshold(energy_score(logits), "energy") if ood == "energy" else fit_ood_threshold(
         np.linspace(0, 10, 50), "mahalanobis"
     )

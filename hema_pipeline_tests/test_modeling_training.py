@@ -23,6 +23,7 @@ from hema_pipeline.modeling.calibration import (
     evaluate_referral,
     fit_ood_threshold,
     fit_referral_policy,
+    referral_threshold_candidates,
     fit_temperature,
     softmax,
     triage_cells,
@@ -355,10 +356,15 @@ def test_the_whole_chain_from_training_to_a_reloaded_champion(trained: TrainingR
     test_outputs = predict_outputs(model, dataset(*test))
 
     temperature = fit_temperature(calibration_outputs.logits, calibration_outputs.labels).temperature
-    referral = fit_referral_policy(
-        softmax(calibration_outputs.logits, temperature), calibration_outputs.labels, CLASSES,
-        target_accuracy=0.99, min_cells_per_class=20,
+    # 96 calibration cells can certify 95% at 90% confidence (45 error-free cells needed), not 99.5%.
+    candidates = referral_threshold_candidates(
+        softmax(train_outputs.logits, temperature).max(axis=1), len(calibration_outputs.labels), 0.95, 0.9
     )
+    referral = fit_referral_policy(
+        softmax(calibration_outputs.logits, temperature), calibration_outputs.labels, CLASSES, candidates,
+        target_accuracy=0.95, confidence=0.9,
+    )
+    assert referral.guarantee is not None
     scorer = MahalanobisScorer.fit(train_outputs.features, train_outputs.labels, num_classes=2)
     ood = fit_ood_threshold(scorer.score(calibration_outputs.features), "mahalanobis", keep_quantile=0.95)
     test_probabilities = softmax(test_outputs.logits, temperature)

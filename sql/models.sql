@@ -28,7 +28,7 @@ create table if not exists models (
     mce_before                  double not null,
     mce_after                   double not null,
     temperature                 double not null,
-    referral_target             double not null,      -- accuracy the per-class thresholds aim for
+    referral_target             double not null,      -- accuracy the referral threshold is certified (or aimed) for
     referral_coverage           double not null,      -- share of test cells accepted
     referral_accepted_accuracy  double,               -- null when no test cell is accepted
     ood_method                  varchar,              -- energy | mahalanobis | null (none fitted)
@@ -39,6 +39,13 @@ create table if not exists models (
     created_at                  timestamp not null,   -- UTC
     status                      varchar not null      -- candidate | champion | retired | refused | rolled_back
 );
+
+-- The referral certificate (modeling.calibration.fit_referral_policy): with probability referral_confidence,
+-- accepted cells reach referral_target; referral_certified_accuracy is the Clopper-Pearson lower bound on
+-- the calibration split at that confidence. Null for models fitted before certification, or where nothing
+-- could be certified (every cell referred). Added columns: existing warehouses gain them here.
+alter table models add column if not exists referral_confidence double;
+alter table models add column if not exists referral_certified_accuracy double;
 
 -- Per-class test metrics of each model (NaN-free: undefined values are null).
 create table if not exists model_evaluations (

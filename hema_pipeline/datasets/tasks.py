@@ -28,9 +28,13 @@ TASK_LABEL_COLUMN: Final = "label"
 TASK_LABEL_INDEX_COLUMN: Final = "label_index"
 
 # Architecture hints for the model builder: "compact" suits binary tasks (a DysplasiaNet-sized network
-# of ~10^5 parameters reached 97.7% on dysplastic neutrophils); "standard" suits multi-class typing.
+# of ~10^5 parameters reached 97.7% on dysplastic neutrophils); "standard" suits multi-class typing from
+# scratch; "efficientnet_lite0" starts from ImageNet weights and beat every from-scratch network on the
+# real PBC images (benchmarks/RESULTS.md), so the typing tasks that have real images use it.
 ARCHITECTURE_COMPACT: Final = "compact"
 ARCHITECTURE_STANDARD: Final = "standard"
+ARCHITECTURE_PRETRAINED: Final = "efficientnet_lite0"
+ARCHITECTURE_HINTS: Final = (ARCHITECTURE_COMPACT, ARCHITECTURE_STANDARD, ARCHITECTURE_PRETRAINED)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class Task:
     # import label (taxonomy) -> task class; excluded from hashing so the frozen dataclass stays hashable
     label_map: Mapping[str, str] = field(hash=False)
     architecture_hint: str
+    # The input size (pixels a side) of the task's datasets unless configured otherwise: what the hinted
+    # network was measured at.
+    image_size: int
     description: str
 
     def __post_init__(self) -> None:
@@ -56,8 +63,10 @@ class Task:
         unfed = [name for name in self.classes if name not in self.label_map.values()]
         if unfed:
             raise ValueError(f"task {self.name!r}: no import label maps to {unfed}")
-        if self.architecture_hint not in (ARCHITECTURE_COMPACT, ARCHITECTURE_STANDARD):
+        if self.architecture_hint not in ARCHITECTURE_HINTS:
             raise ValueError(f"task {self.name!r}: unknown architecture hint {self.architecture_hint!r}")
+        if self.image_size < 8:
+            raise ValueError(f"task {self.name!r}: image size {self.image_size} is too small to show a cell")
         # a private copy, so a caller mutating the dict it passed in cannot change a registered task
         object.__setattr__(self, "label_map", dict(self.label_map))
 
@@ -118,7 +127,8 @@ PBC8: Final = Task(
         taxonomy.ERYTHROBLAST,
         taxonomy.PLATELET,
     ),
-    architecture_hint=ARCHITECTURE_STANDARD,
+    architecture_hint=ARCHITECTURE_PRETRAINED,
+    image_size=128,
     description="Eight normal peripheral-blood cell types (PBC classes).",
 )
 
@@ -126,7 +136,8 @@ WBC4: Final = Task(
     name="wbc4",
     classes=(taxonomy.EOSINOPHIL, taxonomy.LYMPHOCYTE, taxonomy.MONOCYTE, taxonomy.NEUTROPHIL),
     label_map=_one_to_one(taxonomy.EOSINOPHIL, taxonomy.LYMPHOCYTE, taxonomy.MONOCYTE, taxonomy.NEUTROPHIL),
-    architecture_hint=ARCHITECTURE_STANDARD,
+    architecture_hint=ARCHITECTURE_PRETRAINED,
+    image_size=128,
     description="Four common leucocyte types (the BCCD white-cell classes).",
 )
 
@@ -140,7 +151,8 @@ MONO_POLY: Final = Task(
         taxonomy.EOSINOPHIL: "polynuclear",
         taxonomy.BASOPHIL: "polynuclear",
     },
-    architecture_hint=ARCHITECTURE_COMPACT,
+    architecture_hint=ARCHITECTURE_PRETRAINED,
+    image_size=128,
     description="Mononuclear (lymphocyte, monocyte) versus polynuclear (neutrophil, eosinophil, basophil) leucocytes.",
 )
 
@@ -148,7 +160,10 @@ LYMPHOCYTE_MALIGNANCY: Final = Task(
     name="lymphocyte_malignancy",
     classes=(taxonomy.LYMPHOCYTE, taxonomy.MALIGNANT_LYMPHOCYTE),
     label_map=_one_to_one(taxonomy.LYMPHOCYTE, taxonomy.MALIGNANT_LYMPHOCYTE),
+    # No public images of these abnormal cells are at hand to measure a pretrained network on: the
+    # from-scratch DysplasiaNet-sized network stays until a lab's own verified cells show otherwise.
     architecture_hint=ARCHITECTURE_COMPACT,
+    image_size=96,
     description="Normal versus malignant lymphocytes.",
 )
 
@@ -157,6 +172,7 @@ NEUTROPHIL_DYSPLASIA: Final = Task(
     classes=(taxonomy.NEUTROPHIL, taxonomy.HYPOGRANULATED_NEUTROPHIL),
     label_map=_one_to_one(taxonomy.NEUTROPHIL, taxonomy.HYPOGRANULATED_NEUTROPHIL),
     architecture_hint=ARCHITECTURE_COMPACT,
+    image_size=96,
     description="Normal versus hypogranulated (dysplastic) neutrophils.",
 )
 

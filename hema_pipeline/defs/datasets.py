@@ -3,6 +3,7 @@ blocking checks that no patient and no near-duplicate image straddles two splits
 
 # No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
 from dataclasses import dataclass
+from typing import Optional
 
 import dagster as dg
 import pandas as pd
@@ -48,9 +49,9 @@ class DatasetHandle:
 
 class DatasetBuildConfig(dg.Config):
     seed: int = 0
-    # pbc8 at 96 px: 98.25% and 98.31% (two runs); at 128 px 98.56% and 98.12% (two weight seeds) for
-    # 1.8x the compute per prediction (benchmarks/RESULTS.md), so no measured reason yet to pay for 128.
-    image_size: int = 96
+    # None: the task's own (`Task.image_size`: 128 px for the typing tasks, whose pretrained network was
+    # measured there; 96 px for the from-scratch specialists). Part of the dataset version.
+    image_size: Optional[int] = None
     # Centred share of each image's shortest side the networks see (CellaVision centres the cell): at 0.75
     # the cell is seen at the resolution of a 4/3 larger whole image, for the compute of image_size.
     crop_fraction: float = 0.75
@@ -110,7 +111,7 @@ def build_dataset_asset(task_name: str) -> dg.AssetsDefinition:
                 config.train_fraction, config.validation_fraction, config.calibration_fraction, config.test_fraction
             ),
             seed=config.seed,
-            image_size=config.image_size,
+            image_size=task.image_size if config.image_size is None else config.image_size,
             augmentation=AugmentationConfig(),
             balance_classes=config.balance_classes,
             crop_fraction=config.crop_fraction,

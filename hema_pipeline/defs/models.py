@@ -7,8 +7,10 @@ resource; assets hand each other small handles (keys and versions), never "the l
 
 # No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
 import base64
+import math
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import dagster as dg
 
@@ -52,14 +54,13 @@ class CalibrationHandle:
 
 class TrainingRunConfig(dg.Config):
     architecture: str = ""  # compact | standard | large | efficientnet_lite0 | efficientnet_lite2; empty: the task's hint
-    # 70 cosine epochs is the measured pbc8 configuration (~36 min at 96 px on 2 CPU cores); validation
-    # accuracy still swings by about a point between late epochs, so patience is long enough to let the
-    # schedule finish and the best epoch be kept.
-    epochs: int = 70
+    # Unset: the architecture's measured recipe (`training.recipe_for`): from scratch 70 epochs at 2e-3 with
+    # patience 25; from ImageNet weights 9 epochs at 5e-4 with patience 9.
+    epochs: Optional[int] = None
     batch_size: int = 64
     gpu_batch_size: int = 256
-    learning_rate: float = 2e-3
-    early_stopping_patience: int = 25
+    learning_rate: Optional[float] = None
+    early_stopping_patience: Optional[int] = None
     seed: int = 20260101
     # >1: a deep ensemble of that many networks, each trained as above with its own weight seed and sample
     # order, stored as one model averaging their logits. Training and prediction cost grow in proportion.
@@ -67,8 +68,11 @@ class TrainingRunConfig(dg.Config):
 
 
 class CalibrationConfig(dg.Config):
-    target_accuracy: float = 0.995  # accepted cells must reach this accuracy on the calibration split
-    min_cells_per_class: int = 50  # fewer calibration cells of a class: its threshold falls back to the global one
+    # Accepted cells reach this accuracy with `referral_confidence` confidence, certified on the calibration
+    # split (an exact binomial test per candidate threshold, in a fixed order). 99.5% at 95% needs at least
+    # 598 accepted calibration cells: a smaller split refers every cell rather than claim what it cannot show.
+    target_accuracy: float = 0.995
+    referral_confidence: float = 0.95
     ood_keep_quantile: float = 0.95  # share of known calibration cells the unfamiliarity threshold keeps
     # Logits are averaged over this many dihedral views of each cell (1, 2, 4 or 8) for calibration, test
     # evaluation and every later prediction: a cell has no orientation, and neither should its answer.
@@ -169,9 +173,10 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         tags=tags,
         pool=TRAINER_POOL,
         description=(
-            f"A {task_name} network trained from scratch on the dataset's training split (class-balanced, "
-            "augmented on the fly), early-stopped on the validation split; GPU with mixed precision when "
-            "present, CPU otherwise. The weights are stored content-addressed in the lake."
+            f"A {task_name} network ({task.architecture_hint} unless configured; an efficientnet_lite backbone "
+            "starts from ImageNet weights, the others from scratch) trained on the dataset's training split "
+            "(class-balanced, augmented on the fly), early-stopped on the validation split; GPU with mixed "
+            "precision when present, CPU otherwise. The weights are stored content-addressed in the lake."
         ),
     )
     def trained_model(
@@ -179,7 +184,13 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
     ) -> dg.Output[TrainedModelHandle]:
         from hema_pipeline.modeling.networks import architecture_preset
         from hema_pipeline.modeling.registry import model_to_bytes, sha256_hex
-        from hema_pipeline.modeling.training import TrainingConfig, train_ensemble, training_batch_size, training_curves_png
+        from hema_pipeline.modeling.training import (
+            TrainingConfig,
+            recipe_for,
+            train_ensemble,
+            training_batch_size,
+            training_curves_png,
+        )
 
         lake = storage.lake()
         reader = _SplitReader(dataset, lake)
@@ -187,12 +198,15 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         arch = architecture_preset(config.architecture or task.architecture_hint, dataset_config.image_size)
         # The input pipeline yields [0, 1] floats.
         arch = type(arch)(**{**asdict(arch), "pixel_range": 1.0, "ensemble_members": config.ensemble_members})
+        recipe = recipe_for(arch)
         training_config = TrainingConfig(
-            epochs=config.epochs,
+            epochs=recipe.epochs if config.epochs is None else config.epochs,
             batch_size=config.batch_size,
             gpu_batch_size=config.gpu_batch_size,
-            learning_rate=config.learning_rate,
-            early_stopping_patience=config.early_stopping_patience,
+            learning_rate=recipe.learning_rate if config.learning_rate is None else config.learning_rate,
+            early_stopping_patience=(
+                recipe.early_stopping_patience if config.early_stopping_patience is None else config.early_stopping_patience
+            ),
             seed=config.seed,
             augment=False,  # the dataset's configured augmentation runs in the input pipeline
         )
@@ -265,32 +279,49 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         owners=["team:ml"],
         tags=tags,
         description=(
-            "Calibration artefacts fitted on the calibration split: the temperature (by NLL), per-class "
-            "confidence thresholds so accepted cells reach the target accuracy (the rest go to a "
-            "technologist), and the energy threshold above which a cell is referred as unfamiliar."
+            "Calibration artefacts fitted on the calibration split: the temperature (by NLL), the confidence "
+            "threshold certified so that accepted cells reach the target accuracy with the stated confidence "
+            "(candidates proposed on the validation split; the rest go to a technologist), and the energy "
+            "threshold above which a cell is referred as unfamiliar."
         ),
     )
     def calibration(
-        config: CalibrationConfig, dataset: DatasetHandle, trained: TrainedModelHandle, storage: StorageResource
+        context: dg.AssetExecutionContext,
+        config: CalibrationConfig,
+        dataset: DatasetHandle,
+        trained: TrainedModelHandle,
+        storage: StorageResource,
     ) -> dg.Output[CalibrationHandle]:
         from hema_pipeline.modeling.calibration import (
             energy_score,
             fit_ood_threshold,
             fit_referral_policy,
             fit_temperature,
+            referral_threshold_candidates,
             softmax,
         )
 
-        lake = storage.lake()
         from hema_pipeline.modeling.networks import check_test_time_views
 
+        lake = storage.lake()
         views = check_test_time_views(config.test_time_views)
-        outputs = _outputs(_load_keras(lake, trained.model_key), _SplitReader(dataset, lake), CALIBRATION, views)
+        model, reader = _load_keras(lake, trained.model_key), _SplitReader(dataset, lake)
+        outputs = _outputs(model, reader, CALIBRATION, views)
         temperature = fit_temperature(outputs.logits, outputs.labels)
         probabilities = softmax(outputs.logits, temperature.temperature)
-        policy = fit_referral_policy(
-            probabilities, outputs.labels, dataset.classes, config.target_accuracy, config.min_cells_per_class
+        # The thresholds to test come from the validation split, so the calibration labels that certify
+        # a threshold took no part in proposing it.
+        validation = _outputs(model, reader, VALIDATION, views)
+        candidates = referral_threshold_candidates(
+            softmax(validation.logits, temperature.temperature).max(axis=1),
+            len(outputs.labels),
+            config.target_accuracy,
+            config.referral_confidence,
         )
+        policy = fit_referral_policy(
+            probabilities, outputs.labels, dataset.classes, candidates, config.target_accuracy, config.referral_confidence
+        )
+        context.log.info(f"{task_name} referral policy: {policy.describe_guarantee()}")
         ood = fit_ood_threshold(
             energy_score(outputs.logits, temperature.temperature),
             "energy",
@@ -313,7 +344,9 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
                 "calibration_cells": len(outputs.labels),
                 "nll_before": temperature.nll_before,
                 "nll_after": temperature.nll_after,
-                "referral_thresholds": dg.MetadataValue.json(policy.to_dict()),
+                "referral_guarantee": policy.describe_guarantee(),
+                "referral_threshold": None if math.isinf(policy.global_threshold) else policy.global_threshold,
+                "referral_policy": dg.MetadataValue.json(policy.to_dict()),
                 "ood_threshold": dg.MetadataValue.json(ood.to_dict()),
             },
         )
@@ -410,6 +443,7 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
                 "temperature": temperature,
                 "referral_coverage": referral.coverage,
                 "accepted_accuracy": referral.accepted_accuracy,
+                "referral_guarantee": policy.describe_guarantee(),
                 "per_class": dg.MetadataValue.md(_per_class_markdown(evaluation.per_class_records())),
                 "confusion_matrix": _png_markdown(confusion_png, "confusion matrix"),
                 "reliability_diagram": _png_markdown(reliability_png, "reliability diagram"),

@@ -4,9 +4,10 @@
   the negative log-likelihood. The NLL is convex in the inverse temperature 1/T, so a safeguarded
   Newton iteration finds the optimum to machine precision (no SciPy needed).
 - **ECE / MCE** over equal-width confidence bins (default 15, as Guo et al.).
-- **Referral policy**: per predicted class, the smallest calibrated-confidence threshold at which the
-  accepted calibration cells reach a target accuracy (default 99.5%); everything below is referred to
-  a technologist.
+- **Referral policy**: one calibrated-confidence threshold, certified on the calibration split so that
+  the accepted cells' accuracy is at least a target (default 99.5%) with a stated confidence (default
+  95%): an exact binomial test over candidate thresholds in a fixed order; everything below is referred
+  to a technologist.
 - **OOD ("unfamiliar") scores**: the energy score ``-T * logsumexp(logits / T)`` (Liu et al. 2020) and
   the Mahalanobis distance to the nearest class mean in the penultimate feature space (Lee et al.
   2018). Higher means more unfamiliar for both. The threshold keeps a chosen share of known cells.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -281,19 +282,63 @@ REFER_ALL = math.inf  # a threshold no confidence reaches: every cell predicted 
 
 
 @dataclass(frozen=True)
+class ReferralGuarantee:
+    """What the calibration split certifies about the chosen threshold: with probability at least
+    ``confidence`` over the draw of the calibration cells, the accuracy of the cells the policy accepts is
+    at least ``target_accuracy`` (for cells drawn like the calibration split: same analyser, stain and
+    population). ``accuracy_lower_bound`` is the one-sided Clopper-Pearson bound at that confidence from
+    the ``accepted_cells`` calibration cells accepted at the threshold, ``errors`` of them wrong."""
+
+    target_accuracy: float
+    confidence: float
+    calibration_cells: int
+    accepted_cells: int
+    errors: int
+    accuracy_lower_bound: float
+    candidates_tested: int  # thresholds tested in sequence, the last one the first that failed (if any)
+
+    def statement(self) -> str:
+        return (
+            f"accepted-cell accuracy >= {self.target_accuracy:.1%} with {self.confidence:.0%} confidence "
+            f"(Clopper-Pearson lower bound {self.accuracy_lower_bound:.2%} from {self.accepted_cells:,} of "
+            f"{self.calibration_cells:,} calibration cells accepted, {self.errors} wrong)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "statement": self.statement()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ReferralGuarantee:
+        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class ReferralPolicy:
-    """Accept a cell iff its calibrated top-class probability >= the threshold of its predicted class."""
+    """Accept a cell iff its calibrated top-class probability >= the threshold of its predicted class.
+
+    Policies fitted here hold one certified threshold for every class (``fit_referral_policy``); the
+    per-class form stays because cards registered before certification hold per-class thresholds, and
+    inference applies both the same way. ``guarantee`` is None where nothing could be certified (every
+    cell is referred) and on those older cards."""
 
     class_names: tuple[str, ...]
     thresholds: tuple[float, ...]  # per predicted class; REFER_ALL where the target is unreachable
-    sources: tuple[str, ...]  # per class: "class", "global fallback" or "refer all", with the reason
+    sources: tuple[str, ...]  # per class: how its threshold was chosen, or why every cell is referred
     global_threshold: float
     target_accuracy: float
-    min_cells_per_class: int
     calibration_cells: int
+    confidence: float | None  # the confidence the guarantee is stated at (None on older cards)
+    guarantee: ReferralGuarantee | None
 
     def threshold_for(self, class_name: str) -> float:
         return self.thresholds[self.class_names.index(class_name)]
+
+    def describe_guarantee(self) -> str:
+        if self.guarantee is not None:
+            return self.guarantee.statement()
+        if self.confidence is None:
+            return "no guarantee (policy fitted before certified referral)"
+        return f"nothing certified: every cell is referred ({self.sources[0] if self.sources else 'no classes'})"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: an unreachable threshold is written as null (JSON has no infinity)."""
@@ -307,100 +352,162 @@ class ReferralPolicy:
             "sources": list(self.sources),
             "global_threshold": finite_or_none(self.global_threshold),
             "target_accuracy": self.target_accuracy,
-            "min_cells_per_class": self.min_cells_per_class,
             "calibration_cells": self.calibration_cells,
+            "confidence": self.confidence,
+            "guarantee": None if self.guarantee is None else self.guarantee.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ReferralPolicy:
+        """Also reads the policies of cards registered before certification (per-class point-estimate
+        thresholds, no ``confidence`` or ``guarantee`` key): they load with ``guarantee`` None."""
+
         def finite_or_refer_all(value: float | None) -> float:
             return REFER_ALL if value is None else float(value)
 
+        guarantee = values.get("guarantee")
+        confidence = values.get("confidence")
         return cls(
             class_names=tuple(values["class_names"]),
             thresholds=tuple(finite_or_refer_all(value) for value in values["thresholds"]),
             sources=tuple(values["sources"]),
             global_threshold=finite_or_refer_all(values["global_threshold"]),
             target_accuracy=float(values["target_accuracy"]),
-            min_cells_per_class=int(values["min_cells_per_class"]),
             calibration_cells=int(values["calibration_cells"]),
+            confidence=None if confidence is None else float(confidence),
+            guarantee=None if guarantee is None else ReferralGuarantee.from_dict(guarantee),
         )
 
 
-def smallest_threshold_reaching(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> float:
-    """The smallest t such that the cells with ``confidence >= t`` have accuracy >= ``target_accuracy``;
-    ``REFER_ALL`` if no t achieves it. Only the observed confidences are candidate thresholds, and tied
-    confidences are accepted or refused together."""
-    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
-    correct = np.asarray(correct, dtype=bool).reshape(-1)
-    if len(confidence) == 0:
-        return REFER_ALL
-    order = np.argsort(-confidence, kind="stable")
-    descending = confidence[order]
-    accepted_correct = np.cumsum(correct[order])
-    accepted = np.arange(1, len(descending) + 1)
-    # A cut is valid only after the last of a run of tied confidences.
-    group_ends = np.r_[descending[1:] != descending[:-1], True]
-    reaching = group_ends & (accepted_correct >= target_accuracy * accepted - 1e-12)
-    if not reaching.any():
-        return REFER_ALL
-    return float(descending[np.flatnonzero(reaching)[-1]])
+def accuracy_lower_bound(correct: int, cells: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound on a binomial proportion: the accuracy p such that seeing
+    ``correct`` or more right of ``cells`` has probability ``1 - confidence`` when the truth is p."""
+    from scipy.stats import beta
+
+    if cells <= 0 or correct <= 0:
+        return 0.0
+    return float(beta.ppf(1.0 - confidence, correct, cells - correct + 1))
+
+
+def _rejects_low_accuracy(errors: int, cells: int, target_accuracy: float, confidence: float) -> bool:
+    """Exact binomial test of "accuracy < target" at level ``1 - confidence``: reject when so few errors
+    would be unlikely were the error rate ``1 - target`` (the worst case of the null hypothesis)."""
+    from scipy.stats import binom
+
+    if cells <= 0:
+        return False
+    if target_accuracy >= 1.0:
+        return False  # no finite sample certifies perfection
+    p_value = float(binom.cdf(errors, cells, 1.0 - target_accuracy))
+    return p_value <= 1.0 - confidence
+
+
+def cells_needed_to_certify(target_accuracy: float, confidence: float) -> float:
+    """The fewest accepted cells that can certify ``target_accuracy`` at ``confidence``, all of them
+    right: n with target^n <= 1 - confidence (598 for 99.5% at 95%)."""
+    if target_accuracy >= 1.0:
+        return math.inf
+    return math.ceil(math.log(1.0 - confidence) / math.log(target_accuracy))
+
+
+def referral_threshold_candidates(
+    reference_confidence: np.ndarray,
+    calibration_cells: int,
+    target_accuracy: float,
+    confidence: float,
+    coverage_step: float = 0.0025,
+) -> np.ndarray:
+    """Descending thresholds to test on the calibration split, fixed *before* its labels are looked at,
+    from another split's calibrated confidences (the validation split): the confidences at which that
+    split's coverage is q, for q from where a calibration split of this size could first certify the
+    target (``cells_needed_to_certify``, with 15% to spare) up to 1, in steps of ``coverage_step``, then 0
+    (accept everything). Thresholds taken from the calibration confidences themselves would make the
+    tested hypotheses depend on the sample that tests them."""
+    reference = np.sort(np.asarray(reference_confidence, dtype=np.float64).reshape(-1))
+    needed = cells_needed_to_certify(target_accuracy, confidence)
+    if len(reference) == 0 or calibration_cells < needed:
+        return np.empty(0)
+    start = min(1.0, 1.15 * needed / calibration_cells)
+    coverages = np.r_[np.arange(start, 1.0, coverage_step), 1.0]
+    thresholds = np.quantile(reference, 1.0 - coverages, method="lower")
+    thresholds = np.r_[thresholds, 0.0]
+    # Ties in the reference give equal thresholds: keep the first of each, in descending order.
+    unique = np.unique(thresholds)[::-1]
+    return unique
 
 
 def fit_referral_policy(
     probabilities: np.ndarray,
     labels: np.ndarray,
     class_names: Sequence[str],
+    candidate_thresholds: np.ndarray,
     target_accuracy: float = 0.995,
-    min_cells_per_class: int = 50,
+    confidence: float = 0.95,
 ) -> ReferralPolicy:
-    """Thresholds on calibrated probabilities of the calibration split.
+    """One confidence threshold for every class, certified on the calibration split.
 
-    A class predicted for fewer than ``min_cells_per_class`` calibration cells cannot have its own
-    threshold estimated reliably; it gets the global threshold (fitted on all cells together), raised to
-    its own where its few cells already miss the target at the global threshold: the fallback may
-    tighten a rare class's threshold, never loosen it below what its own cells show."""
+    The candidates (``referral_threshold_candidates``, fixed independently of this split) are tested in
+    descending order with an exact binomial test of "accuracy of the accepted cells < target"; testing
+    stops at the first candidate it cannot reject, and the lowest rejected one is chosen. Fixed-sequence
+    testing controls the chance of certifying any wrong threshold at ``1 - confidence`` with no correction
+    for the number of candidates (Bauer 1991; "Learn then Test", Angelopoulos et al. 2021), so: with
+    probability >= ``confidence``, the accepted cells' accuracy is >= ``target_accuracy``. Where even the
+    first candidate fails (or the split is too small to certify anything) every cell is referred.
+
+    One threshold rather than one per class: certifying 99.5% needs at least 598 accepted cells (at 95%),
+    and a calibration split has ~140 per class. Per-class accepted accuracy is reported beside it
+    (``evaluate_referral``), not guaranteed."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     if probabilities.ndim != 2 or probabilities.shape[1] != len(class_names) or len(probabilities) != len(labels):
         raise ValueError("probabilities must be [n, classes] with one label per row")
     if not 0 < target_accuracy <= 1:
         raise ValueError("target_accuracy must be in (0, 1]")
-    predicted = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
-    correct = predicted == labels
-    global_threshold = smallest_threshold_reaching(confidence, correct, target_accuracy)
-    thresholds: list[float] = []
-    sources: list[str] = []
-    for index, name in enumerate(class_names):
-        mask = predicted == index
-        cells = int(mask.sum())
-        own = smallest_threshold_reaching(confidence[mask], correct[mask], target_accuracy)
-        if cells >= min_cells_per_class:
-            threshold = own
-            source = "class"
-            if math.isinf(own):
-                source = f"refer all: no threshold reaches {target_accuracy:.1%} on {cells} cells"
-        else:
-            threshold = global_threshold
-            source = f"global fallback: only {cells} calibration cells predicted as {name} (< {min_cells_per_class})"
-            accepted = mask & (confidence >= global_threshold)
-            if accepted.any() and correct[accepted].mean() < target_accuracy:
-                # Too few cells to estimate a threshold, but enough to show the global one is too lax.
-                threshold = max(own, global_threshold)
-                source += f"; raised because its own cells miss {target_accuracy:.1%} at the global threshold"
-            if math.isinf(threshold):
-                source += "; refer all"
-        thresholds.append(threshold)
-        sources.append(source)
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be in (0, 1)")
+    candidates = np.asarray(candidate_thresholds, dtype=np.float64).reshape(-1)
+    if len(candidates) > 1 and np.any(np.diff(candidates) >= 0):
+        raise ValueError("candidate thresholds must be strictly descending")
+    top = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    chosen, guarantee = REFER_ALL, None
+    tested = 0
+    for threshold in candidates:
+        tested += 1
+        accepted = top >= threshold
+        cells = int(accepted.sum())
+        errors = int(cells - correct[accepted].sum())
+        if not _rejects_low_accuracy(errors, cells, target_accuracy, confidence):
+            break
+        chosen = float(threshold)
+        guarantee = ReferralGuarantee(
+            target_accuracy=target_accuracy,
+            confidence=confidence,
+            calibration_cells=int(len(labels)),
+            accepted_cells=cells,
+            errors=errors,
+            accuracy_lower_bound=accuracy_lower_bound(cells - errors, cells, confidence),
+            candidates_tested=0,  # filled in below, once testing has stopped
+        )
+    if guarantee is not None:
+        guarantee = replace(guarantee, candidates_tested=tested)
+        source = f"certified: {guarantee.statement()}"
+    elif len(candidates) == 0:
+        source = (
+            f"refer all: {len(labels)} calibration cells cannot certify {target_accuracy:.1%} at "
+            f"{confidence:.0%} confidence (at least {cells_needed_to_certify(target_accuracy, confidence)} needed)"
+        )
+    else:
+        source = f"refer all: not even the most confident cells certify {target_accuracy:.1%} at {confidence:.0%} confidence"
     return ReferralPolicy(
         class_names=tuple(class_names),
-        thresholds=tuple(thresholds),
-        sources=tuple(sources),
-        global_threshold=global_threshold,
+        thresholds=(chosen,) * len(class_names),
+        sources=(source,) * len(class_names),
+        global_threshold=chosen,
         target_accuracy=target_accuracy,
-        min_cells_per_class=min_cells_per_class,
         calibration_cells=int(len(labels)),
+        confidence=confidence,
+        guarantee=guarantee,
     )
 
 

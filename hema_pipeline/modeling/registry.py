@@ -233,6 +233,9 @@ def draft_model_card(
         **test_calibration.headline(),
         **test_referral.headline(),
         "referral_target": referral.target_accuracy,
+        # The certificate from the calibration split (None where nothing was certified).
+        "referral_confidence": referral.confidence,
+        "referral_certified_accuracy": None if referral.guarantee is None else referral.guarantee.accuracy_lower_bound,
     }
     from hema_pipeline.modeling.networks import FEATURES_LAYER, LAST_CONV_LAYER
 
@@ -399,6 +402,8 @@ def _model_row(card: ModelCard) -> pd.DataFrame:
         "referral_target": required("referral_target"),
         "referral_coverage": required("referral_coverage"),
         "referral_accepted_accuracy": optional("referral_accepted_accuracy"),
+        "referral_confidence": optional("referral_confidence"),
+        "referral_certified_accuracy": optional("referral_certified_accuracy"),
         "ood_method": ood.get("method"),
         "ood_threshold": ood.get("threshold"),
         "ood_keep_quantile": ood.get("keep_quantile"),
@@ -409,7 +414,10 @@ def _model_row(card: ModelCard) -> pd.DataFrame:
     }
     frame = pd.DataFrame([row])
     # All-null optional columns would otherwise be inferred as object/NULL type by DuckDB's scan.
-    for column in ("macro_auc", "referral_accepted_accuracy", "ood_threshold", "ood_keep_quantile"):
+    for column in (
+        "macro_auc", "referral_accepted_accuracy", "referral_confidence", "referral_certified_accuracy",
+        "ood_threshold", "ood_keep_quantile",
+    ):
         frame[column] = frame[column].astype("float64")
     frame["ood_method"] = frame["ood_method"].astype("string")
     return frame
