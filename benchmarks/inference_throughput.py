@@ -127,7 +127,7 @@ def import_and_train(args: argparse.Namespace) -> dict:
         config["ops"]["pbc8_trained_model"]["config"]["ensemble_members"] = args.ensemble_members
     if args.test_time_views is not None:  # the views each champion is calibrated, and so used, with
         for task in DEMO_TASKS:
-            config["ops"][f"{task}_calibration"] = {"config": {"test_time_views": args.test_time_views}}
+            config["ops"][f"{task}_calibration"]["config"]["test_time_views"] = args.test_time_views
     training = dg.materialize(
         [*defs.assets, *defs.asset_checks],
         selection=selection,

@@ -59,6 +59,118 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `hema models list` shows, in this order; columns an older warehouse lacks are left out.
+MODEL_LIST_COLUMNS = (
+    "task", "model_version", "status", "architecture", "input_size", "accuracy", "macro_f1", "ece_after",
+    "referral_coverage", "referral_target", "referral_confidence", "referral_certified_accuracy",
+    "dataset_version", "created_at",
+)
+
+
+def _models(args: argparse.Namespace) -> int:
+    """The model registry for operators: list and show read on a read-only connection (a missing
+    warehouse is an error, never created); promote and rollback write the promotion log."""
+    import json
+
+    import duckdb
+    import pandas as pd
+
+    from hema_pipeline import settings
+    from hema_pipeline.storage.warehouse import Warehouse, WarehouseBusy, WarehouseMissing
+
+    warehouse = Warehouse(args.warehouse or settings.warehouse_path())
+    if not warehouse.path.is_file():
+        print(f"hema models: no warehouse at {warehouse.path} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "list":
+            with warehouse.connect_existing() as connection:
+                models = connection.execute("select * from models order by task, created_at").df()
+            if args.task:
+                models = models[models["task"] == args.task]
+            shown = models[[column for column in MODEL_LIST_COLUMNS if column in models.columns]]
+            with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
+                print(shown.to_string(index=False) if not shown.empty else "no models registered")
+            return 0
+        if args.action == "show":
+            return _show_model(warehouse, args.model_version, as_json=args.json)
+        from hema_pipeline.modeling.registry import promote_by_operator, rollback
+
+        if args.action == "promote":
+            decision = promote_by_operator(warehouse, args.task, args.model_version, args.reason)
+        else:
+            if not args.reason.strip():
+                raise ValueError("give a reason: it is recorded in the promotion log")
+            decision = rollback(warehouse, args.task, reason=f"by operator: {args.reason.strip()}")
+        print(json.dumps(
+            {
+                "task": decision.task, "action": decision.action, "champion": decision.model_version,
+                "previous_champion": decision.previous_champion, "reason": decision.reason,
+            },
+            indent=2,
+        ))
+        return 0
+    except (LookupError, ValueError) as error:
+        print(f"hema models: {error}", file=sys.stderr)
+        return 1
+    except WarehouseMissing as error:
+        print(f"hema models: {error}", file=sys.stderr)
+        return 2
+    except (WarehouseBusy, duckdb.Error) as error:
+        print(f"hema models: {error}", file=sys.stderr)
+        return 1
+
+
+def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehouse: storage.warehouse.Warehouse
+    """A model's card, read from the lake and checked against the registry: what it is, where it came from,
+    how it scored and what its referral threshold guarantees."""
+    import json
+
+    from hema_pipeline import settings
+    from hema_pipeline.modeling.registry import read_card
+    from hema_pipeline.storage.object_store import open_object_store
+
+    with warehouse.connect_existing() as connection:
+        rows = connection.execute(
+            "select card_key, status from models where model_version = ?", [model_version]
+        ).fetchall()
+        if not rows:
+            raise LookupError(f"no model {model_version!r} is registered")
+        [(card_key, status)] = rows
+        history = connection.execute(
+            "select sequence, action, model_version, previous_champion, reason, decided_at from model_promotions "
+            "where model_version = ? or previous_champion = ? order by task, sequence",
+            [model_version, model_version],
+        ).fetchall()
+    card = read_card(open_object_store(settings.lake_url(), endpoint_url=settings.s3_endpoint_url() or None), card_key)
+    if as_json:
+        print(card.to_json())
+        return 0
+    metrics = card.metrics
+    pretrained = card.architecture.get("pretrained") or {}
+    lines = [
+        f"model {card.model_version} ({card.task}), status {status}",
+        f"  dataset          {card.dataset_version}",
+        f"  network          {card.architecture.get('name')} at {card.input_size} px, crop {card.crop_fraction}, "
+        f"{card.test_time_views} test-time view(s), ensemble of {card.architecture.get('ensemble_members', 1)}",
+        "  initial weights  "
+        + (f"{pretrained['package']} {pretrained['version']} (sha256 {pretrained['sha256'][:16]}...)" if pretrained else "from scratch"),
+        f"  training         {card.training.get('epochs_run', '?')} epochs on {card.training_device} in "
+        f"{card.training_seconds:.0f} s, peak learning rate {card.training.get('learning_rate')}",
+        f"  test split       {metrics.get('cells')} cells: accuracy {metrics.get('accuracy'):.4f}, macro F1 "
+        f"{metrics.get('macro_f1'):.4f}, ECE {metrics.get('ece_after'):.4f} after temperature {card.temperature:.3f}",
+        f"  referral         {card.referral_policy().describe_guarantee()}",
+        f"                   test coverage {metrics.get('referral_coverage'):.4f}, accepted-cell accuracy "
+        f"{metrics.get('referral_accepted_accuracy')}",
+        f"  unfamiliar cells {card.ood['method'] + ' > ' + format(card.ood['threshold'], '.4f') if card.ood else 'no threshold'}",
+        f"  code             {card.code_version}",
+        "  promotion log    " + ("none" if not history else ""),
+    ]
+    lines += [f"    #{sequence} {action} {version} (was {previous}): {reason} at {decided}" for sequence, action, version, previous, reason, decided in history]
+    print("\n".join(lines))
+    return 0
+
+
 def _classify(args: argparse.Namespace) -> int:
     from hema_pipeline import settings
     from hema_pipeline.inference.classify import classify_files, collect_image_files
@@ -124,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
     classify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     classify.set_defaults(handler=_classify)
+
+    models = commands.add_parser("models", help="list, show, promote or roll back registered models")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    listing = model_actions.add_parser("list", help="every registered model (or one task's), with its scores")
+    listing.add_argument("--task")
+    show = model_actions.add_parser("show", help="one model's card: origin, scores, referral guarantee, promotions")
+    show.add_argument("model_version")
+    show.add_argument("--json", action="store_true", help="the whole card as JSON")
+    promote = model_actions.add_parser("promote", help="make a registered model champion (recorded, with the reason)")
+    promote.add_argument("task")
+    promote.add_argument("model_version")
+    promote.add_argument("--reason", required=True)
+    roll_back = model_actions.add_parser("rollback", help="restore the task's previous champion (recorded)")
+    roll_back.add_argument("task")
+    roll_back.add_argument("--reason", required=True)
+    for parser_ in (listing, show, promote, roll_back):
+        parser_.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+    models.set_defaults(handler=_models)
 
     query = commands.add_parser(
         "query",

@@ -690,6 +690,35 @@ def rollback(warehouse: Warehouse, task: str, reason: str = "rolled back by oper
     return decision
 
 
+def promote_by_operator(warehouse: Warehouse, task: str, model_version: str, reason: str) -> PromotionDecision:
+    """Make a registered model the task's champion on an operator's word, bypassing the gate's margins
+    (after a clinical review of a candidate the gate refused, say); recorded in the promotion log like the
+    gate's own decisions, with the reason. Refused (raises) for a model not registered for the task, the
+    reigning champion, or one whose classes differ from the champion's: those answer another question."""
+    reason = reason.strip()
+    if not reason:
+        raise ValueError("give a reason: it is recorded in the promotion log")
+    with warehouse.connect() as connection:
+        connection.execute("begin transaction")
+        try:
+            record = _model_record(connection, model_version)
+            if record is None or record["task"] != task:
+                raise LookupError(f"no model {model_version!r} registered for task {task!r}")
+            stack = _champion_stack(connection, task)
+            champion = stack[-1] if stack else None
+            if champion == model_version:
+                raise ValueError(f"{model_version} is already the champion of {task!r}")
+            if champion is not None and _class_names(connection, model_version) != _class_names(connection, champion):
+                raise ValueError(f"{model_version}'s classes differ from champion {champion}'s")
+            decision = PromotionDecision(task, model_version, champion, "promoted", f"by operator: {reason}", _utc_now())
+            _record(connection, decision)
+            connection.execute("commit")
+        except BaseException:
+            connection.execute("rollback")
+            raise
+    return decision
+
+
 def current_champion(warehouse: Warehouse, task: str) -> str | None:
     with warehouse.connect() as connection:
         stack = _champion_stack(connection, task)
