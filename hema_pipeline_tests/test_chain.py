@@ -94,6 +94,9 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     assert 0 <= metadata["ece_after"] <= 1 and metadata["temperature"] > 0
     champion = trained.asset_materializations_for_node("pbc8_champion")[0].metadata["champion"].value
     assert champion != first_champion
+    # Training is not silent: one progress line per epoch in the run's event log.
+    progress = [entry.user_message for entry in instance.all_logs(trained.run_id) if "pbc8: epoch " in entry.user_message]
+    assert progress and progress[0].startswith("pbc8: epoch 1/40: loss ") and "min left)" in progress[-1]
     # The referral threshold is certified on the calibration split, and the certificate reaches the UI,
     # the model card and SQL.
     [calibration] = trained.asset_materializations_for_node("pbc8_calibration")

@@ -296,10 +296,16 @@ def test_mixed_precision_path_trains_with_float32_logits(tmp_path: Path):
     weights, which the module's other training runs do not use)."""
     config = TrainingConfig(epochs=2, batch_size=16, mixed_precision="on", augment=False, schedule="plateau")
     unbatched = tf.data.Dataset.from_tensor_slices(squares(32, 5))
+    progress: list[str] = []
     result = train_model(
-        TINY, config, unbatched, dataset(*squares(16, 6)), CLASSES, tmp_path, class_weights=balanced_class_weights([3, 1])
+        TINY, config, unbatched, dataset(*squares(16, 6)), CLASSES, tmp_path, class_weights=balanced_class_weights([3, 1]),
+        progress=progress.append,
     )
     assert result.mixed_precision and result.device == "CPU" and result.epochs_run == 2
+    # One progress line per epoch, for the Dagster event log: where it is, how it goes, how long is left.
+    assert len(progress) == 2
+    assert progress[0].startswith("epoch 1/2: loss ") and "val_accuracy" in progress[0] and "min left)" in progress[0]
+    assert progress[1].startswith("epoch 2/2: ") and progress[1].endswith("about 0 min left)")
     assert result.history["learning_rate"] == pytest.approx([config.learning_rate] * 2)
     assert result.model.output.dtype == "float32"
     assert result.model.get_layer(LAST_CONV_LAYER).dtype_policy.name == "mixed_float16"

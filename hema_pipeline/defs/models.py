@@ -229,7 +229,13 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
 
         with tempfile.TemporaryDirectory() as checkpoints:
             result = train_ensemble(
-                arch, training_config, member_training_data, reader.evaluation(VALIDATION), dataset.classes, checkpoints
+                arch,
+                training_config,
+                member_training_data,
+                reader.evaluation(VALIDATION),
+                dataset.classes,
+                checkpoints,
+                progress=lambda line: context.log.info(f"{task_name}: {line}"),
             )
         model_bytes = model_to_bytes(result.model)
         key = f"models/{task_name}/trained/{sha256_hex(model_bytes)}.keras"
