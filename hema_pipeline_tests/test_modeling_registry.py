@@ -284,3 +284,17 @@ def test_the_card_offers_the_flat_view_inference_reads(store, warehouse):
     inference_cards = pytest.importorskip("hema_pipeline.inference.cards")
     inference_cards.validate_card(card)
     assert inference_cards.card_thresholds(card)["model_version"] == card.model_version
+
+
+def test_every_promotion_policy_field_is_on_the_launchpad_with_the_same_default():
+    from dataclasses import fields
+
+    from hema_pipeline.defs.models import PromotionConfig
+    from hema_pipeline.modeling.registry import PromotionPolicy
+
+    launchpad = PromotionConfig()
+    domain = PromotionPolicy()
+    assert {field.name for field in fields(PromotionPolicy)} == set(launchpad.model_dump())
+    for field in fields(PromotionPolicy):
+        assert getattr(launchpad, field.name) == getattr(domain, field.name), field.name
+    assert PromotionPolicy(**PromotionConfig(min_referral_coverage=0.97).model_dump()).min_referral_coverage == 0.97

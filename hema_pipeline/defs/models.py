@@ -21,6 +21,7 @@ from hema_pipeline.datasets.tasks import TASKS
 from hema_pipeline.defs.datasets import DatasetHandle, dataset_asset_key
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
+from hema_pipeline.modeling.calibration import DEFAULT_REFERRAL_CONFIDENCE, DEFAULT_REFERRAL_TARGET
 from hema_pipeline.storage.object_store import ObjectStore
 
 TRAINER_POOL = "trainer"  # one training at a time: it takes every core (or the GPU)
@@ -71,8 +72,8 @@ class CalibrationConfig(dg.Config):
     # Accepted cells reach this accuracy with `referral_confidence` confidence, certified on the calibration
     # split (an exact binomial test per candidate threshold, in a fixed order). 99.5% at 95% needs at least
     # 598 accepted calibration cells: a smaller split refers every cell rather than claim what it cannot show.
-    target_accuracy: float = 0.995
-    referral_confidence: float = 0.95
+    target_accuracy: float = DEFAULT_REFERRAL_TARGET
+    referral_confidence: float = DEFAULT_REFERRAL_CONFIDENCE
     ood_keep_quantile: float = 0.95  # share of known calibration cells the unfamiliarity threshold keeps
     # Logits are averaged over this many dihedral views of each cell (1, 2, 4 or 8) for calibration, test
     # evaluation and every later prediction: a cell has no orientation, and neither should its answer.
@@ -80,11 +81,15 @@ class CalibrationConfig(dg.Config):
 
 
 class PromotionConfig(dg.Config):
+    """The launchpad face of ``registry.PromotionPolicy``: the same fields with the same defaults (a test
+    holds them together)."""
+
     min_accuracy_gain: float = 0.002
     min_macro_f1_gain: float = 0.0
     min_accuracy: float = 0.0
     min_macro_f1: float = 0.0
     max_ece_after: float = 1.0
+    min_referral_coverage: float = 0.0
 
 
 def _png_markdown(png: bytes, title: str) -> dg.MetadataValue:
@@ -484,13 +489,7 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
     ) -> dg.Output[str]:
         from hema_pipeline.modeling.registry import PromotionPolicy, current_champion, decide_promotion
 
-        policy = PromotionPolicy(
-            min_accuracy_gain=config.min_accuracy_gain,
-            min_macro_f1_gain=config.min_macro_f1_gain,
-            min_accuracy=config.min_accuracy,
-            min_macro_f1=config.min_macro_f1,
-            max_ece_after=config.max_ece_after,
-        )
+        policy = PromotionPolicy(**config.model_dump())
         store = warehouse.warehouse()
         champion_on_split = _champion_on_candidate_split(task_name, dataset, storage, store, candidate.dataset_version)
         if champion_on_split is not None:
