@@ -418,6 +418,7 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             dataset_version=dataset.dataset_version,
             arch=ArchitectureConfig(**trained.architecture),
             training_config=TrainingConfig.from_dict(trained.training_config),
+            training_details={"epochs_run": trained.epochs_run, "best_val_accuracy": trained.best_val_accuracy},
             class_names=dataset.classes,
             training_seconds=trained.training_seconds,
             training_device=trained.device,
