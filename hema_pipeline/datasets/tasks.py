@@ -29,8 +29,9 @@ TASK_LABEL_INDEX_COLUMN: Final = "label_index"
 
 # Architecture hints for the model builder: "compact" suits binary tasks (a DysplasiaNet-sized network
 # of ~10^5 parameters reached 97.7% on dysplastic neutrophils); "standard" suits multi-class typing from
-# scratch; "efficientnet_lite0" starts from ImageNet weights and beat every from-scratch network on the
-# real PBC images (benchmarks/RESULTS.md), so the typing tasks that have real images use it.
+# scratch; "efficientnet_lite0" starts from ImageNet weights: on the real PBC images it gave the best
+# single network measured and refused a foreign analyser's cells (benchmarks/RESULTS.md), so the typing
+# tasks, which have real images, use it.
 ARCHITECTURE_COMPACT: Final = "compact"
 ARCHITECTURE_STANDARD: Final = "standard"
 ARCHITECTURE_PRETRAINED: Final = "efficientnet_lite0"
