@@ -222,7 +222,7 @@ def inbox_to_duckdb(args, home: Path, defs, instance, warehouse) -> dict:
     from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
     from hema_pipeline import settings
 
-    sensor_resources = {"inbox": defs.resources["inbox"], "pseudonyms": defs.resources["pseudonyms"]}
+    sensor_resources = {name: defs.resources[name] for name in ("inbox", "pseudonyms", "warehouse")}
     # The sensor as it stands after having seen the existing inbox (its stored cursor).
     baseline = inbox_sensor(dg.build_sensor_context(instance=instance, resources=sensor_resources))
     known = set(instance.get_dynamic_partitions(smear_partitions.name))
