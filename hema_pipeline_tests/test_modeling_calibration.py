@@ -253,6 +253,8 @@ def test_too_small_or_too_poor_a_calibration_split_refers_every_cell():
     assert poor.guarantee is None and poor.thresholds == (REFER_ALL, REFER_ALL)
     assert poor.sources[0].startswith("refer all: not even the most confident cells")
     assert poor.to_dict()["thresholds"] == [None, None]  # JSON has no infinity
+    nothing_proposed = fit_referral_policy(probabilities, labels, ["a", "b"], np.empty(0))
+    assert nothing_proposed.sources[0] == "refer all: no candidate thresholds to test (no validation cells to propose them)"
     with pytest.raises(ValueError, match="descending"):
         fit_referral_policy(probabilities, labels, ["a", "b"], np.array([0.5, 0.9]))
 

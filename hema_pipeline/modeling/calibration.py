@@ -495,11 +495,13 @@ def fit_referral_policy(
     if guarantee is not None:
         guarantee = replace(guarantee, candidates_tested=tested)
         source = f"certified: {guarantee.statement()}"
-    elif len(candidates) == 0:
+    elif len(candidates) == 0 and len(labels) < cells_needed_to_certify(target_accuracy, confidence):
         source = (
             f"refer all: {len(labels)} calibration cells cannot certify {target_accuracy:.1%} at "
             f"{confidence:.0%} confidence (at least {cells_needed_to_certify(target_accuracy, confidence)} needed)"
         )
+    elif len(candidates) == 0:
+        source = "refer all: no candidate thresholds to test (no validation cells to propose them)"
     else:
         source = f"refer all: not even the most confident cells certify {target_accuracy:.1%} at {confidence:.0%} confidence"
     return ReferralPolicy(
