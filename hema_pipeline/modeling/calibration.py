@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -473,8 +473,7 @@ def fit_referral_policy(
         raise ValueError("candidate thresholds must be strictly descending")
     top = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
-    chosen, guarantee = REFER_ALL, None
-    tested = 0
+    chosen, certified_counts, tested = REFER_ALL, None, 0
     for threshold in candidates:
         tested += 1
         accepted = top >= threshold
@@ -482,7 +481,10 @@ def fit_referral_policy(
         errors = int(cells - correct[accepted].sum())
         if not _rejects_low_accuracy(errors, cells, target_accuracy, confidence):
             break
-        chosen = float(threshold)
+        chosen, certified_counts = float(threshold), (cells, errors)
+    guarantee = None
+    if certified_counts is not None:
+        cells, errors = certified_counts
         guarantee = ReferralGuarantee(
             target_accuracy=target_accuracy,
             confidence=confidence,
@@ -490,10 +492,8 @@ def fit_referral_policy(
             accepted_cells=cells,
             errors=errors,
             accuracy_lower_bound=accuracy_lower_bound(cells - errors, cells, confidence),
-            candidates_tested=0,  # filled in below, once testing has stopped
+            candidates_tested=tested,
         )
-    if guarantee is not None:
-        guarantee = replace(guarantee, candidates_tested=tested)
         source = f"certified: {guarantee.statement()}"
     elif len(candidates) == 0 and len(labels) < cells_needed_to_certify(target_accuracy, confidence):
         source = (
