@@ -351,15 +351,9 @@ def register_model(
         store.put_bytes(f"{prefix}/{name}", data)
     store.put_bytes(card.card_key, card.to_json().encode())
 
-    with warehouse.connect() as connection:
-        connection.execute("begin transaction")
-        try:
-            replace_rows(connection, "models", _model_row(card), ["model_version"])
-            replace_rows(connection, "model_evaluations", _evaluation_rows(card), ["model_version", "class_name"])
-            connection.execute("commit")
-        except BaseException:
-            connection.execute("rollback")
-            raise
+    with warehouse.transaction() as connection:
+        replace_rows(connection, "models", _model_row(card), ["model_version"])
+        replace_rows(connection, "model_evaluations", _evaluation_rows(card), ["model_version", "class_name"])
     return card
 
 
@@ -600,17 +594,11 @@ def decide_promotion(
     are not comparable: pass ``champion_on_challenger_split`` (the champion re-evaluated on the
     challenger's test split, see ``SplitMetrics.from_report``), or this raises ``ValueError``."""
     policy = policy or PromotionPolicy()
-    with warehouse.connect() as connection:
-        connection.execute("begin transaction")
-        try:
-            decision = _decide(
-                connection, task, challenger_version, policy, dict(checks or {}), champion_on_challenger_split
-            )
-            _record(connection, decision)
-            connection.execute("commit")
-        except BaseException:
-            connection.execute("rollback")
-            raise
+    with warehouse.transaction() as connection:
+        decision = _decide(
+            connection, task, challenger_version, policy, dict(checks or {}), champion_on_challenger_split
+        )
+        _record(connection, decision)
     return decision
 
 
@@ -675,18 +663,12 @@ def _decide(
 def rollback(warehouse: Warehouse, task: str, reason: str = "rolled back by operator") -> PromotionDecision:
     """Make the champion before the current one champion again; record it. Raises ``LookupError`` when
     there is no earlier champion to return to."""
-    with warehouse.connect() as connection:
-        connection.execute("begin transaction")
-        try:
-            stack = _champion_stack(connection, task)
-            if len(stack) < 2:
-                raise LookupError(f"task {task!r} has no earlier champion to roll back to")
-            decision = PromotionDecision(task, stack[-2], stack[-1], "rolled_back", reason, _utc_now())
-            _record(connection, decision)
-            connection.execute("commit")
-        except BaseException:
-            connection.execute("rollback")
-            raise
+    with warehouse.transaction() as connection:
+        stack = _champion_stack(connection, task)
+        if len(stack) < 2:
+            raise LookupError(f"task {task!r} has no earlier champion to roll back to")
+        decision = PromotionDecision(task, stack[-2], stack[-1], "rolled_back", reason, _utc_now())
+        _record(connection, decision)
     return decision
 
 
@@ -698,24 +680,18 @@ def promote_by_operator(warehouse: Warehouse, task: str, model_version: str, rea
     reason = reason.strip()
     if not reason:
         raise ValueError("give a reason: it is recorded in the promotion log")
-    with warehouse.connect() as connection:
-        connection.execute("begin transaction")
-        try:
-            record = _model_record(connection, model_version)
-            if record is None or record["task"] != task:
-                raise LookupError(f"no model {model_version!r} registered for task {task!r}")
-            stack = _champion_stack(connection, task)
-            champion = stack[-1] if stack else None
-            if champion == model_version:
-                raise ValueError(f"{model_version} is already the champion of {task!r}")
-            if champion is not None and _class_names(connection, model_version) != _class_names(connection, champion):
-                raise ValueError(f"{model_version}'s classes differ from champion {champion}'s")
-            decision = PromotionDecision(task, model_version, champion, "promoted", f"by operator: {reason}", _utc_now())
-            _record(connection, decision)
-            connection.execute("commit")
-        except BaseException:
-            connection.execute("rollback")
-            raise
+    with warehouse.transaction() as connection:
+        record = _model_record(connection, model_version)
+        if record is None or record["task"] != task:
+            raise LookupError(f"no model {model_version!r} registered for task {task!r}")
+        stack = _champion_stack(connection, task)
+        champion = stack[-1] if stack else None
+        if champion == model_version:
+            raise ValueError(f"{model_version} is already the champion of {task!r}")
+        if champion is not None and _class_names(connection, model_version) != _class_names(connection, champion):
+            raise ValueError(f"{model_version}'s classes differ from champion {champion}'s")
+        decision = PromotionDecision(task, model_version, champion, "promoted", f"by operator: {reason}", _utc_now())
+        _record(connection, decision)
     return decision
 
 

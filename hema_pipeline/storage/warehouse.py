@@ -84,6 +84,19 @@ class Warehouse:
             connection.close()
 
     @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside one transaction: committed when the block ends, rolled back
+        (and the error re-raised) when it raises."""
+        with self.connect() as connection:
+            connection.execute("begin transaction")
+            try:
+                yield connection
+                connection.execute("commit")
+            except BaseException:
+                connection.execute("rollback")
+                raise
+
+    @contextmanager
     def connect_existing(
         self, lock_wait_seconds: float = LOCK_WAIT_SECONDS, locked_down: bool = False
     ) -> Iterator[duckdb.DuckDBPyConnection]:
