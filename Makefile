@@ -34,7 +34,7 @@ benchmarks: $(BIN)/hema
 	$(BIN)/python benchmarks/import_throughput.py
 
 lock:
-	uv pip compile pyproject.toml --extra test -p 3.11 -o requirements.lock
+	uv pip compile pyproject.toml --extra test --extra scale -p 3.11 -o requirements.lock
 
 clean:
 	rm -rf .hema

@@ -34,9 +34,8 @@ def _query(args: argparse.Namespace) -> int:
     """Lab SQL on a locked-down, read-only connection: no files, extensions or settings changes, and a
     missing warehouse is an error (never created)."""
     from hema_pipeline import settings
-    from hema_pipeline.storage.warehouse import Warehouse, WarehouseBusy, WarehouseMissing
+    from hema_pipeline.storage.warehouse import WAREHOUSE_ERRORS, Warehouse, WarehouseBusy, WarehouseMissing
 
-    import duckdb
     import pandas as pd
 
     warehouse = Warehouse(args.warehouse or settings.warehouse_path())
@@ -48,7 +47,7 @@ def _query(args: argparse.Namespace) -> int:
     except WarehouseBusy as error:
         print(f"hema query: {error}; try again when the run has finished", file=sys.stderr)
         return 1
-    except duckdb.Error as error:
+    except WAREHOUSE_ERRORS as error:
         print(f"hema query: {error}", file=sys.stderr)
         return 1
     if args.csv:
@@ -72,15 +71,14 @@ def _models(args: argparse.Namespace) -> int:
     warehouse is an error, never created); promote and rollback write the promotion log."""
     import json
 
-    import duckdb
     import pandas as pd
 
     from hema_pipeline import settings
-    from hema_pipeline.storage.warehouse import Warehouse, WarehouseBusy, WarehouseMissing
+    from hema_pipeline.storage.warehouse import WAREHOUSE_ERRORS, Warehouse, WarehouseBusy, WarehouseMissing
 
     warehouse = Warehouse(args.warehouse or settings.warehouse_path())
-    if not warehouse.path.is_file():
-        print(f"hema models: no warehouse at {warehouse.path} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
+    if not warehouse.exists():
+        print(f"hema models: no warehouse at {warehouse.description} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
         return 2
     try:
         if args.action == "list":
@@ -116,7 +114,7 @@ def _models(args: argparse.Namespace) -> int:
     except WarehouseMissing as error:
         print(f"hema models: {error}", file=sys.stderr)
         return 2
-    except (WarehouseBusy, duckdb.Error) as error:
+    except (WarehouseBusy, *WAREHOUSE_ERRORS) as error:
         print(f"hema models: {error}", file=sys.stderr)
         return 1
 
@@ -187,9 +185,9 @@ def _classify(args: argparse.Namespace) -> int:
         print("hema classify: no image files found", file=sys.stderr)
         return 2
     warehouse = Warehouse(args.warehouse or settings.warehouse_path())
-    if not warehouse.path.is_file():
+    if not warehouse.exists():
         # Opening a mistyped path would create an empty warehouse beside the real one.
-        print(f"hema classify: no warehouse at {warehouse.path} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
+        print(f"hema classify: no warehouse at {warehouse.description} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
         return 2
     lake = open_object_store(settings.lake_url(), endpoint_url=settings.s3_endpoint_url() or None)
     try:
@@ -233,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("-o", "--output", required=True, help="CSV to write")
     classify.add_argument("--task", default="pbc8", help="the task whose model classifies (default: pbc8)")
     classify.add_argument("--model", help="a model version (default: the task's champion)")
-    classify.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+    classify.add_argument("--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
     classify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     classify.set_defaults(handler=_classify)
 
@@ -252,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     roll_back.add_argument("task")
     roll_back.add_argument("--reason", required=True)
     for parser_ in (listing, show, promote, roll_back):
-        parser_.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+        parser_.add_argument("--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
     models.set_defaults(handler=_models)
 
     query = commands.add_parser(
@@ -260,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run SQL against the warehouse (read-only; no file, extension or settings access)",
     )
     query.add_argument("sql")
-    query.add_argument("--warehouse", help="DuckDB file (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+    query.add_argument("--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
     query.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     query.add_argument("--max-rows", type=int, default=200)
     query.set_defaults(handler=_query)

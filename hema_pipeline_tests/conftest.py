@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ class PipelineEnv:
     inbox: Path
     lake: Path
     quarantine: Path
-    warehouse: Path
+    warehouse: Path | str  # a DuckDB file, or a postgresql:// URL (pipeline_env_on_both_warehouses)
     dagster_home: Path
 
     def resources(self) -> dict[str, object]:
@@ -124,3 +126,83 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _postgres_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server (Debian's postgresql package) on 127.0.0.1 and a random port for the
+    session; yields the URL of its maintenance database. Skips where the package is absent, unless
+    HEMA_REQUIRE_POSTGRES=1 (as in .ci/run) turns that into a failure."""
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    if not initdb or not pg_ctl:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql"
+        if os.environ.get("HEMA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    # Directly under the system temp folder, which the postgres user can traverse (pytest's is 0700).
+    root = Path(tempfile.mkdtemp(prefix="hema-postgres-"))
+    data = root / "data"
+    # initdb and postgres refuse to run as root: run them as Debian's postgres user then.
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, user="postgres")
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    port = _free_port()
+    options = f"-h 127.0.0.1 -p {port} -k {root} -F -c max_connections=200 -c fsync=off -c full_page_writes=off"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_database(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server; its URL. Dropped afterwards."""
+    import uuid
+
+    import psycopg2
+
+    name = f"hema_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(postgres_server)
+    admin.autocommit = True
+    admin.cursor().execute(f"create database {name}")
+    try:
+        yield postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin.cursor().execute(f"drop database if exists {name} with (force)")
+        admin.close()
+
+
+def pipeline_env_on_both_warehouses() -> object:
+    """A ``pipeline_env`` fixture for a test module whose every test must hold on both warehouse
+    backends: ``pipeline_env = pipeline_env_on_both_warehouses()`` at module level runs each test once
+    on a DuckDB file and once on a fresh PostgreSQL database (HEMA_WAREHOUSE set to match)."""
+
+    @pytest.fixture(params=["duckdb", "postgres"])
+    def pipeline_env(request: pytest.FixtureRequest, pipeline_env: PipelineEnv, monkeypatch: pytest.MonkeyPatch) -> PipelineEnv:
+        if request.param == "postgres":
+            pipeline_env.warehouse = request.getfixturevalue("postgres_database")
+            monkeypatch.setenv("HEMA_WAREHOUSE", str(pipeline_env.warehouse))
+        return pipeline_env
+
+    return pipeline_env

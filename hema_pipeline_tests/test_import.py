@@ -9,7 +9,10 @@ from PIL import Image
 
 from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
+from hema_pipeline_tests.conftest import pipeline_env_on_both_warehouses
 from hema_pipeline_tests.support import TEST_KEY, import_metadata, materialise_inbox, materialise_smear
+
+pipeline_env = pipeline_env_on_both_warehouses()
 
 
 def _table(env, sql: str) -> pd.DataFrame:

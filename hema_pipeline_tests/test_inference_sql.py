@@ -1,4 +1,4 @@
-"""The prediction tables and views in a real DuckDB warehouse: hand-computed differentials, champion
+"""The prediction tables and views in a real warehouse, DuckDB and PostgreSQL: hand-computed differentials, champion
 selection, the referral queue, lineage, verified agreement by week, and idempotent re-writes."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import psycopg2
 import pytest
 
 from hema_pipeline.inference.cards import PlainModelCard
@@ -23,33 +24,25 @@ from hema_pipeline.inference.records import (
 from hema_pipeline.inference.differential import FlagSettings
 from hema_pipeline.inference.report import ReportSettings, build_smear_report
 from hema_pipeline.inference.routing import Route
-from hema_pipeline.storage.warehouse import Warehouse
+from hema_pipeline.storage.warehouse import Warehouse, dialect_of
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 SMEAR_A = "S" + "a" * 20
 SMEAR_B = "S" + "b" * 20
 PBC_CLASSES = ("neutrophil", "lymphocyte", "monocyte", "erythroblast", "platelet")
 DYSPLASIA_CLASSES = ("neutrophil", "hypogranulated_neutrophil")
-# Only what views.sql reads, for a checkout where sql/models.sql has not landed yet.
-MINIMAL_MODELS = "create table models (model_version varchar, task varchar, dataset_version varchar, status varchar)"
 
 
-@pytest.fixture
-def connection(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    if (SQL_DIR / "models.sql").is_file():
-        # The real warehouse applies every schema file in order, ours included.
-        with Warehouse(tmp_path / "warehouse.duckdb").connect() as connection:
-            yield connection
-        return
-    connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    try:
-        connection.execute((SQL_DIR / "schema.sql").read_text())
-        connection.execute(MINIMAL_MODELS)
-        connection.execute((SQL_DIR / "predictions.sql").read_text())
-        connection.execute((SQL_DIR / "views.sql").read_text())
+# Every test here runs on both warehouse backends: the views are written twice (sql/views.sql and
+# sql/postgres/views.sql), and these hand-computed answers are what keeps the two editions in step.
+@pytest.fixture(params=["duckdb", "postgres"])
+def connection(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    location = request.getfixturevalue("postgres_database") if request.param == "postgres" else tmp_path / "warehouse.duckdb"
+    # The real warehouse applies every schema file in order.
+    with Warehouse(location).connect() as connection:
         yield connection
-    finally:
-        connection.close()
+
+
+CONSTRAINT_ERRORS = (duckdb.ConstraintException, psycopg2.IntegrityError)
 
 
 def insert_model(connection: duckdb.DuckDBPyConnection, model_version: str, task: str, dataset_version: str, status: str) -> None:
@@ -59,10 +52,11 @@ def insert_model(connection: duckdb.DuckDBPyConnection, model_version: str, task
     columns = connection.execute(
         "select column_name, data_type, is_nullable from information_schema.columns where table_name = 'models'"
     ).fetchall()
-    neutral = {"VARCHAR": "x", "INTEGER": 0, "BIGINT": 0, "DOUBLE": 0.0, "TIMESTAMP": dt.datetime(2026, 1, 1), "BOOLEAN": False}
+    neutral = {"varchar": "x", "character varying": "x", "integer": 0, "bigint": 0, "double": 0.0, "double precision": 0.0,
+               "timestamp": dt.datetime(2026, 1, 1), "timestamp without time zone": dt.datetime(2026, 1, 1), "boolean": False}
     for name, data_type, nullable in columns:
         if name not in values and nullable == "NO":
-            values[name] = neutral[data_type]
+            values[name] = neutral[data_type.lower()]
     names = ", ".join(values)
     connection.execute(f"insert into models ({names}) values ({', '.join('?' for _ in values)})", list(values.values()))
 
@@ -167,15 +161,20 @@ def rows(connection, sql: str, parameters=()) -> list[tuple]:
     return connection.execute(sql, list(parameters)).fetchall()
 
 
+def rounded(found: list[tuple], places: int = 4) -> list[tuple]:
+    """Floats rounded in Python: PostgreSQL has no round(double precision, places)."""
+    return [tuple(round(value, places) if isinstance(value, float) else value for value in row) for row in found]
+
+
 def test_differential_per_smear_uses_the_champion_and_counts_accepted_cells(warehouse):
-    differential = rows(
+    differential = rounded(rows(
         warehouse,
         """select cell_class, cells, accepted_cells, referred_cells, total_cells,
-                  round(percent_of_accepted, 4), is_leukocyte, round(per_100_leukocytes, 4)
+                  percent_of_accepted, is_leukocyte, per_100_leukocytes
            from differential_per_smear where smear_id = ? and task = 'pbc' and model_version = 'pbc-v1'
            order by cell_class""",
         [SMEAR_A],
-    )
+    ))
     # 8 accepted cells (2 referred), 7 of them leukocytes.
     assert differential == [
         ("erythroblast", 1, 8, 2, 10, 12.5, False, round(100 / 7, 4)),
@@ -187,12 +186,12 @@ def test_differential_per_smear_uses_the_champion_and_counts_accepted_cells(ware
     # The later challenger run (pbc-v2) does not replace the champion's differential on smear A ...
     assert rows(warehouse, "select distinct model_version from differential_per_smear where smear_id = ? and task = 'pbc'", [SMEAR_A]) == [("pbc-v1",)]
     # ... but where only it ran (smear B), its predictions are the current ones.
-    b = rows(
+    b = rounded(rows(
         warehouse,
-        "select cell_class, cells, round(percent_of_accepted, 4), round(per_100_leukocytes, 4) from differential_per_smear "
+        "select cell_class, cells, percent_of_accepted, per_100_leukocytes from differential_per_smear "
         "where smear_id = ? and cells > 0 order by cell_class",
         [SMEAR_B],
-    )
+    ))
     assert b == [("neutrophil", 3, 75.0, 100.0), ("platelet", 1, 25.0, round(100 / 3, 4))]
     dysplasia = rows(
         warehouse,
@@ -264,7 +263,7 @@ def test_rewrites_replace_rows_and_reads_round_trip(warehouse):
         "timestamp '2026-11-21 00:00:00', 'prun-5')"
     )
     for accepted, reason in [(False, "tired"), (True, "low_confidence"), (False, None)]:
-        with pytest.raises(duckdb.ConstraintException):
+        with pytest.raises(CONSTRAINT_ERRORS):
             warehouse.execute(insert, [SMEAR_A, f"{SMEAR_A}:1", accepted, reason])
     assert rows(warehouse, "select count(*) from predictions") == before
 
@@ -286,12 +285,16 @@ def test_smear_reports_are_keyed_by_version(warehouse):
         SMEAR_A, predictions, cards, "pbc", routes, settings=ReportSettings(flags=FlagSettings(dysplasia_share_threshold=0.25))
     )
     write_smear_report(warehouse, stricter, "prun-1")
-    stored = rows(
-        warehouse,
-        """select report_version, total_cells, referred_cells, list_contains(flag_codes, 'review_for_myelodysplasia'),
-                  cast(thresholds->>'$.flags.dysplasia_share_threshold' as double), model_versions->>'$.pbc'
-           from smear_reports order by 5""",
-    )
+    # The lab's queries in each dialect (docs/sql.md shows both).
+    by_dialect = {
+        "duckdb": """select report_version, total_cells, referred_cells, list_contains(flag_codes, 'review_for_myelodysplasia'),
+                            cast(thresholds->>'$.flags.dysplasia_share_threshold' as double), model_versions->>'$.pbc'
+                     from smear_reports order by 5""",
+        "postgres": """select report_version, total_cells, referred_cells, 'review_for_myelodysplasia' = any(flag_codes),
+                              cast(thresholds #>> '{flags,dysplasia_share_threshold}' as double precision), model_versions->>'pbc'
+                       from smear_reports order by 5""",
+    }
+    stored = rows(warehouse, by_dialect[dialect_of(warehouse)])
     # 1 hypogranulated of 5 neutrophils = 20 %: flagged at 0.123, not at 0.25.
     assert stored == [
         (report.report_version, 10, 2, True, 0.123, "pbc-v1"),

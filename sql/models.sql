@@ -18,23 +18,23 @@ create table if not exists models (
     artifact_key                varchar not null,
     card_key                    varchar not null,
     test_cells                  integer not null,
-    accuracy                    double not null,
-    macro_f1                    double not null,
-    macro_auc                   double,               -- null where undefined (a class absent from the test split)
-    nll_before                  double not null,      -- test NLL at T = 1
-    nll_after                   double not null,      -- test NLL at the fitted temperature
-    ece_before                  double not null,
-    ece_after                   double not null,
-    mce_before                  double not null,
-    mce_after                   double not null,
-    temperature                 double not null,
-    referral_target             double not null,      -- accuracy the referral threshold is certified (or aimed) for
-    referral_coverage           double not null,      -- share of test cells accepted
-    referral_accepted_accuracy  double,               -- null when no test cell is accepted
+    accuracy                    double precision not null,
+    macro_f1                    double precision not null,
+    macro_auc                   double precision,               -- null where undefined (a class absent from the test split)
+    nll_before                  double precision not null,      -- test NLL at T = 1
+    nll_after                   double precision not null,      -- test NLL at the fitted temperature
+    ece_before                  double precision not null,
+    ece_after                   double precision not null,
+    mce_before                  double precision not null,
+    mce_after                   double precision not null,
+    temperature                 double precision not null,
+    referral_target             double precision not null,      -- accuracy the referral threshold is certified (or aimed) for
+    referral_coverage           double precision not null,      -- share of test cells accepted
+    referral_accepted_accuracy  double precision,               -- null when no test cell is accepted
     ood_method                  varchar,              -- energy | mahalanobis | null (none fitted)
-    ood_threshold               double,
-    ood_keep_quantile           double,
-    training_seconds            double not null,
+    ood_threshold               double precision,
+    ood_keep_quantile           double precision,
+    training_seconds            double precision not null,
     training_device             varchar not null,     -- GPU | CPU
     created_at                  timestamp not null,   -- UTC
     status                      varchar not null      -- candidate | champion | retired | refused | rolled_back
@@ -44,8 +44,8 @@ create table if not exists models (
 -- accepted cells reach referral_target; referral_certified_accuracy is the Clopper-Pearson lower bound on
 -- the calibration split at that confidence. Null for models fitted before certification, or where nothing
 -- could be certified (every cell referred). Added columns: existing warehouses gain them here.
-alter table models add column if not exists referral_confidence double;
-alter table models add column if not exists referral_certified_accuracy double;
+alter table models add column if not exists referral_confidence double precision;
+alter table models add column if not exists referral_certified_accuracy double precision;
 
 -- Per-class test metrics of each model (NaN-free: undefined values are null).
 create table if not exists model_evaluations (
@@ -55,15 +55,15 @@ create table if not exists model_evaluations (
     support                     integer not null,     -- test cells of this true class
     predicted                   integer not null,     -- test cells predicted as this class
     true_positives              integer not null,
-    precision                   double,
-    recall                      double,               -- sensitivity
-    specificity                 double,
-    f1                          double,
-    roc_auc                     double,               -- one-vs-rest
-    referral_threshold          double,               -- null: every cell predicted as this class is referred
+    precision                   double precision,
+    recall                      double precision,               -- sensitivity
+    specificity                 double precision,
+    f1                          double precision,
+    roc_auc                     double precision,               -- one-vs-rest
+    referral_threshold          double precision,               -- null: every cell predicted as this class is referred
     referral_threshold_source   varchar not null,
-    referral_coverage           double,               -- share of test cells predicted as this class accepted
-    referral_accepted_accuracy  double,
+    referral_coverage           double precision,               -- share of test cells predicted as this class accepted
+    referral_accepted_accuracy  double precision,
     primary key (model_version, class_name)
 );
 
@@ -87,5 +87,5 @@ create or replace view model_champions as
         select *, row_number() over (partition by task order by sequence desc) as recency
         from model_promotions
         where action in ('promoted', 'rolled_back')
-    )
+    ) as champion_changes
     where recency = 1;

@@ -1,4 +1,4 @@
--- hema-pipeline prediction tables (DuckDB). Applied idempotently after schema.sql, datasets.sql and
+-- hema-pipeline prediction tables (DuckDB and PostgreSQL). Applied idempotently after schema.sql, datasets.sql and
 -- models.sql by hema_pipeline.storage.warehouse; written by hema_pipeline.inference.records.
 -- Rows carry smear and cell pseudonyms only, like every table in the warehouse.
 
@@ -11,10 +11,10 @@ create table if not exists predictions (
     model_version      varchar not null,
     task               varchar not null,
     predicted_class    varchar not null,
-    confidence         double not null,       -- calibrated probability of predicted_class: softmax(logits / T)
+    confidence         double precision not null,       -- calibrated probability of predicted_class: softmax(logits / T)
     probabilities      json not null,         -- {"class": calibrated probability, ...} over the model's classes
-    energy             double not null,       -- -T logsumexp(logits / T) at the card's energy temperature (usually 1)
-    ood_score          double,                -- the score compared with the card's ood_threshold (the energy, or a
+    energy             double precision not null,       -- -T logsumexp(logits / T) at the card's energy temperature (usually 1)
+    ood_score          double precision,                -- the score compared with the card's ood_threshold (the energy, or a
                                               -- feature-space score: models.ood_method); null: no OOD threshold
     accepted           boolean not null,
     referral_reason    varchar,               -- null when accepted | low_confidence | unfamiliar

@@ -1,4 +1,5 @@
--- hema-pipeline warehouse schema (DuckDB). Applied idempotently by hema_pipeline.storage.warehouse.
+-- hema-pipeline warehouse schema (DuckDB and PostgreSQL: written in their common dialect, see
+-- hema_pipeline.storage.warehouse.DIALECT_TYPES). Applied idempotently by hema_pipeline.storage.warehouse.
 -- Nothing here identifies a patient: patient_id and smear_id are keyed pseudonyms (HMAC-SHA256),
 -- ages are 10-year bands, collection times are dates, free text and original file names are never stored.
 

@@ -444,7 +444,7 @@ def ensure_pseudonym_scheme(
     configured = _configured_scheme(key, normalisation)
     if isinstance(target, Warehouse):
         with target.connect() as connection:
-            _ensure(connection, configured, f"the warehouse {target.path}")
+            _ensure(connection, configured, f"the warehouse {target.description}")
     else:
         _ensure(target, configured, "this warehouse")
 
@@ -482,7 +482,7 @@ def check_pseudonym_scheme(
         # ConnectionException: this process holds the file open in another mode; the run will check.
         return
     if stored is not None:
-        _compare_scheme(stored, _configured_scheme(key, normalisation), f"the warehouse {store.path}")
+        _compare_scheme(stored, _configured_scheme(key, normalisation), f"the warehouse {store.description}")
 
 
 # --- the rest of the metadata ---------------------------------------------------------------------------

@@ -77,8 +77,8 @@ def retraining_sensor(
 ):
     policy = retraining_policy.policy()
     store = warehouse.warehouse()
-    if not store.path.exists():
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"no warehouse yet at {store.path}: nothing imported"))
+    if not store.exists():
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no warehouse yet at {store.description}: nothing imported"))
     cursor = json.loads(context.cursor) if context.cursor else {}
     next_cursor = dict(cursor)
     requests: list[dg.RunRequest] = []

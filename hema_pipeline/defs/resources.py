@@ -46,7 +46,8 @@ class StorageResource(dg.ConfigurableResource):
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB file the lab queries."""
+    """The warehouse the lab queries: a DuckDB file (the embedded default) or a ``postgresql://user@host/db``
+    URL (many writers; the password comes from PGPASSWORD or PGPASSFILE, never from this config)."""
 
     path: str
 

@@ -88,7 +88,7 @@ def load_smear_predictions(
     frame = connection.execute(
         """
         select p.cell_uid as cell_key, p.task, p.model_version, p.predicted_class, p.confidence, p.energy,
-               coalesce(p.ood_score, 'NaN'::double) as ood_score, p.accepted, p.referral_reason, cast(p.probabilities as varchar) as probabilities, p.gradcam_key
+               coalesce(p.ood_score, cast('NaN' as double precision)) as ood_score, p.accepted, p.referral_reason, cast(p.probabilities as varchar) as probabilities, p.gradcam_key
         from predictions p left join cells c using (cell_uid)
         where p.smear_id = ?
         order by p.task, p.model_version, c.cell_id, p.cell_uid

@@ -69,6 +69,18 @@ CELL_COLUMNS = (
     "imported_at",
 )
 # Columns that decide whether a re-imported cell is the same row as the one already stored.
+QUARANTINE_COLUMNS = (
+    "quarantine_id",
+    "smear_id",
+    "cell_id",
+    "reason_code",
+    "reason",
+    "kept_key",
+    "content_sha256",
+    "import_run_id",
+    "quarantined_at",
+    "resolved_by_import_run_id",
+)
 CELL_IDENTITY = ("cell_id", "patient_id", "image_sha256", "analyser_class", "verified_class")
 
 # Quarantine reason codes (sql/schema.sql documents them; docs/import.md says what each means).
@@ -403,7 +415,9 @@ class _SmearImport:
         finished_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         incoming = pd.DataFrame(rows, columns=list(CELL_COLUMNS))
         listed_ids = [cell.cell_id for cell in metadata.cells] if metadata is not None else []
-        with self.targets.warehouse.connect() as connection:
+        # One transaction, serialised per smear: two imports of the same smear (a re-run beside a
+        # retry, on a multi-writer warehouse) see each other's rows instead of interleaving.
+        with self.targets.warehouse.transaction(serialise_on=f"smear:{self.smear_id}") as connection:
             # Before anything is written: rows pseudonymised under another key or normalisation would
             # silently double every smear, cell and patient.
             ensure_pseudonym_scheme(connection, self.key)
@@ -414,39 +428,34 @@ class _SmearImport:
             changed = incoming[~incoming["cell_id"].isin(unchanged)]
             existing_ids = {int(value) for value in existing["cell_id"]}
             updated = {int(value) for value in changed["cell_id"]} & existing_ids
-            connection.execute("begin transaction")
-            try:
-                replace_rows(connection, "cells", changed, ["cell_uid"])
-                withdrawn = reassigned = 0
-                if anonymous is not None:
-                    withdrawn, reassigned = self.apply_export_to_stored_cells(connection, anonymous, listed_ids)
-                    self.write_smear_row(connection, anonymous, finished_at)
-                self.write_quarantine_rows(connection, quarantined, finished_at, full_evaluation=metadata is not None)
-                if status == "imported" and changed.empty and not withdrawn and not reassigned:
-                    status = "already_present"
-                connection.execute(
-                    "insert into import_runs (import_run_id, smear_id, dagster_run_id, started_at, finished_at, "
-                    "status, files_seen, cells_imported, cells_quarantined, cells_skipped_existing, cells_updated, "
-                    "cells_withdrawn) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        self.import_run_id,
-                        self.smear_id,
-                        self.dagster_run_id,
-                        self.started_at,
-                        finished_at,
-                        status,
-                        len(self.smear.files),
-                        len(changed),
-                        cells_quarantined,
-                        len(unchanged),
-                        len(updated) + reassigned,
-                        withdrawn,
-                    ],
-                )
-                connection.execute("commit")
-            except BaseException:
-                connection.execute("rollback")
-                raise
+            replace_rows(connection, "cells", changed, ["cell_uid"])
+            withdrawn = reassigned = 0
+            if anonymous is not None:
+                withdrawn, reassigned = self.apply_export_to_stored_cells(connection, anonymous, listed_ids)
+                self.write_smear_row(connection, anonymous, finished_at)
+            self.write_quarantine_rows(connection, quarantined, finished_at, full_evaluation=metadata is not None)
+            if status == "imported" and changed.empty and not withdrawn and not reassigned:
+                status = "already_present"
+            connection.execute(
+                "insert into import_runs (import_run_id, smear_id, dagster_run_id, started_at, finished_at, "
+                "status, files_seen, cells_imported, cells_quarantined, cells_skipped_existing, cells_updated, "
+                "cells_withdrawn) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    self.import_run_id,
+                    self.smear_id,
+                    self.dagster_run_id,
+                    self.started_at,
+                    finished_at,
+                    status,
+                    len(self.smear.files),
+                    len(changed),
+                    cells_quarantined,
+                    len(unchanged),
+                    len(updated) + reassigned,
+                    withdrawn,
+                ],
+            )
+        with self.targets.warehouse.connect(read_only=True) as connection:
             self.write_parquet(connection)
         class_counts = (
             incoming["verified_class"].fillna(incoming["analyser_class"]).value_counts().sort_index().to_dict()
@@ -541,19 +550,8 @@ class _SmearImport:
                 }
                 for item in items
             ],
-            columns=[
-                "quarantine_id",
-                "smear_id",
-                "cell_id",
-                "reason_code",
-                "reason",
-                "kept_key",
-                "content_sha256",
-                "import_run_id",
-                "quarantined_at",
-                "resolved_by_import_run_id",
-            ],
-        ).astype({"cell_id": "Int64", "resolved_by_import_run_id": "object"})
+            columns=list(QUARANTINE_COLUMNS),
+        ).astype({"cell_id": "Int64", "quarantined_at": "datetime64[us]", "resolved_by_import_run_id": "object"})
         # A file quarantined again for the same reason keeps its first row: re-runs add nothing.
         frame = frame.drop_duplicates("quarantine_id")
         connection.register("incoming_quarantine", frame)
@@ -562,8 +560,9 @@ class _SmearImport:
                 "update quarantine set resolved_by_import_run_id = null where quarantine_id in "
                 "(select quarantine_id from incoming_quarantine)"
             )
+            columns = ", ".join(QUARANTINE_COLUMNS)
             connection.execute(
-                "insert into quarantine by name select * from incoming_quarantine "
+                f"insert into quarantine ({columns}) select {columns} from incoming_quarantine "
                 "where quarantine_id not in (select quarantine_id from quarantine)"
             )
             if full_evaluation:
@@ -578,10 +577,8 @@ class _SmearImport:
 
     def write_parquet(self, connection: duckdb.DuckDBPyConnection) -> None:
         """Mirror the smear's committed rows to Parquet, the files a data lake or a rebuild reads."""
-        for table in ("cells", "smears", "quarantine"):
-            rows = connection.sql(
-                f"select * from {table} where smear_id = $smear_id order by all", params={"smear_id": self.smear_id}
-            ).to_arrow_table()
+        for table, order in (("cells", "cell_uid"), ("smears", "smear_id"), ("quarantine", "quarantine_id")):
+            rows = connection.sql(f"select * from {table} where smear_id = ? order by {order}", params=[self.smear_id]).to_arrow_table()
             key = f"tables/{table}/smear_id={self.smear_id}/{table}.parquet"
             if rows.num_rows == 0 and not self.targets.lake.exists(key):
                 continue

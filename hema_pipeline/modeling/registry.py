@@ -704,7 +704,7 @@ def current_champion(warehouse: Warehouse, task: str) -> str | None:
 def current_champions(warehouse: Warehouse, tasks: Sequence[str]) -> dict[str, str | None]:
     """``current_champion`` for several tasks over one read-only connection (the prediction stage asks
     for every smear)."""
-    if not warehouse.path.exists():
+    if not warehouse.exists():
         return dict.fromkeys(tasks)
     with warehouse.connect(read_only=True) as connection:
         stacks = {task: _champion_stack(connection, task) for task in tasks}

@@ -1,25 +1,45 @@
-"""The DuckDB warehouse: schema, connections and idempotent writes.
+"""The warehouse: schema, connections and idempotent writes, on DuckDB or PostgreSQL.
+
+``Warehouse(location)`` opens the backend the location names (like ``pathlib.Path``, the base class
+picks its subclass): a file path is a ``DuckDBWarehouse``, the embedded default; a ``postgresql://`` URL
+is a ``storage.postgres.PostgresWarehouse``, for many machines writing at once (see deploy/README.md).
+Both offer the same methods and connections that answer the same calls (``execute(sql, parameters)``
+then ``df()`` / ``fetchone()`` / ``fetchall()``, ``register`` / ``unregister`` a DataFrame), and
+callers write SQL in the dialect both accept (``?`` placeholders).
 
 DuckDB allows one writing process per file. Writers are serialised by Dagster (the ``duckdb_writer``
 pool, see dagster.yaml); in addition ``connect`` retries while another process holds the lock, so a CLI
-query that overlaps a run waits instead of failing.
+query that overlaps a run waits instead of failing. PostgreSQL takes concurrent writers; the writes that
+must not interleave (one smear's import) say so with ``transaction(serialise_on=...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
+import psycopg2
 
 # Applied in this order; each file is idempotent (create ... if not exists / create or replace view).
+# Every file is written in the dialect DuckDB and PostgreSQL share, except where a backend has its own
+# edition in sql/<dialect>/ (views.sql: DuckDB's QUALIFY and list functions).
 SCHEMA_FILES: tuple[str, ...] = ("schema.sql", "datasets.sql", "models.sql", "predictions.sql", "monitoring.sql", "views.sql")
+
+# Column types one dialect lacks, and what the other uses instead (whole words, outside comments).
+DIALECT_TYPES: dict[str, dict[str, str]] = {
+    "duckdb": {},
+    # 64-bit perceptual hashes are unsigned; numeric(20, 0) holds every value exactly.
+    "postgres": {"ubigint": "numeric(20, 0)"},
+}
 
 LOCK_WAIT_SECONDS = 120.0
 
@@ -39,6 +59,10 @@ LOCKED_DOWN_CONFIG: dict[str, object] = {
 }
 
 
+# What a failing statement raises, on either backend.
+WAREHOUSE_ERRORS: tuple[type[Exception], ...] = (duckdb.Error, psycopg2.Error)
+
+
 class WarehouseMissing(FileNotFoundError):
     """The warehouse file does not exist (and a reader must not create it)."""
 
@@ -51,16 +75,106 @@ def _is_lock_error(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
 
-def schema_sql() -> str:
+def schema_sql(dialect: str = "duckdb") -> str:
+    """The whole schema in ``dialect`` ("duckdb" or "postgres"), in application order."""
     folder = resources.files("hema_pipeline") / "sql"
-    parts = [(folder / name).read_text() for name in SCHEMA_FILES if (folder / name).is_file()]
+    parts = []
+    for name in SCHEMA_FILES:
+        own_edition = folder / dialect / name
+        source = own_edition if dialect != "duckdb" and own_edition.is_file() else folder / name
+        parts.append(_with_dialect_types(source.read_text(), dialect))
     return "\n".join(parts)
 
 
+def _with_dialect_types(sql: str, dialect: str) -> str:
+    substitutions = DIALECT_TYPES[dialect]
+    if not substitutions:
+        return sql
+    lines = []
+    for line in sql.split("\n"):
+        code, marker, comment = line.partition("--")
+        for generic, specific in substitutions.items():
+            code = re.sub(rf"\b{generic}\b", specific, code)
+        lines.append(code + marker + comment)
+    return "\n".join(lines)
+
+
+def is_postgres_location(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://", "postgresql+psycopg2://"))
+
+
 class Warehouse:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    """The warehouse at ``location``: ``Warehouse(path)`` is a ``DuckDBWarehouse``,
+    ``Warehouse("postgresql://...")`` a ``PostgresWarehouse``."""
+
+    dialect: str = ""
+
+    def __new__(cls, location: str | Path) -> Warehouse:
+        if cls is Warehouse:
+            if is_postgres_location(location):
+                from hema_pipeline.storage.postgres import PostgresWarehouse
+
+                return super().__new__(PostgresWarehouse)
+            return super().__new__(DuckDBWarehouse)
+        return super().__new__(cls)
+
+    @property
+    def description(self) -> str:
+        """Where it is, safe for logs and messages (no password)."""
+        raise NotImplementedError
+
+    def exists(self) -> bool:
+        """Whether the warehouse has been created (a reader must not create it)."""
+        raise NotImplementedError
+
+    def connect(self, read_only: bool = False) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def transaction(self, serialise_on: str | None = None) -> contextlib.AbstractContextManager[Any]:
+        """A read-write connection inside one transaction: committed when the block ends, rolled back
+        (and the error re-raised) when it raises. Transactions given the same ``serialise_on`` key run
+        one after another (on DuckDB every writer already does)."""
+        raise NotImplementedError
+
+    def connect_existing(
+        self, lock_wait_seconds: float = LOCK_WAIT_SECONDS, locked_down: bool = False
+    ) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def connect_locked_down(self, lock_wait_seconds: float = LOCK_WAIT_SECONDS) -> contextlib.AbstractContextManager[Any]:
+        """A read-only connection safe for SQL the caller did not write; never creates the warehouse
+        (``WarehouseMissing``); ``WarehouseBusy`` after ``lock_wait_seconds``."""
+        return self.connect_existing(lock_wait_seconds, locked_down=True)
+
+    def query_locked_down(self, sql: str, parameters: Sequence[object] | None = None) -> pd.DataFrame:
+        """``sql`` on a ``connect_locked_down`` connection; never creates the warehouse."""
+        with self.connect_locked_down() as connection:
+            return connection.execute(sql, parameters or []).df()
+
+    def query(self, sql: str, parameters: Sequence[object] | None = None) -> pd.DataFrame:
+        """Run a read query; an absent warehouse is created with the schema first."""
+        if not self.exists():
+            with self.connect():
+                pass
+        with self.connect(read_only=True) as connection:
+            return connection.execute(sql, parameters or []).df()
+
+
+class DuckDBWarehouse(Warehouse):
+    """One DuckDB file: the embedded default."""
+
+    dialect = "duckdb"
+
+    def __init__(self, location: str | Path) -> None:
+        self.path = Path(location)
         self._schema_applied = False
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -77,16 +191,15 @@ class Warehouse:
                 time.sleep(0.25)
         try:
             if not read_only and not self._schema_applied:
-                connection.execute(schema_sql())
+                connection.execute(schema_sql(self.dialect))
                 self._schema_applied = True
             yield connection
         finally:
             connection.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write connection inside one transaction: committed when the block ends, rolled back
-        (and the error re-raised) when it raises."""
+    def transaction(self, serialise_on: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        # One writing process per file: every transaction is already serialised.
         with self.connect() as connection:
             connection.execute("begin transaction")
             try:
@@ -129,29 +242,26 @@ class Warehouse:
         creates the file (``WarehouseMissing``); ``WarehouseBusy`` after ``lock_wait_seconds``."""
         return self.connect_existing(lock_wait_seconds, locked_down=True)
 
-    def query_locked_down(self, sql: str, parameters: Sequence[object] | None = None) -> pd.DataFrame:
-        """``sql`` on a ``connect_locked_down`` connection; never creates the warehouse."""
-        with self.connect_locked_down() as connection:
-            return connection.execute(sql, parameters or []).df()
 
-    def query(self, sql: str, parameters: Sequence[object] | None = None) -> pd.DataFrame:
-        """Run a read query; an absent warehouse file is created with the schema first."""
-        if not self.path.exists():
-            with self.connect():
-                pass
-        with self.connect(read_only=True) as connection:
-            return connection.execute(sql, parameters or []).df()
+def dialect_of(connection: Any) -> str:
+    """"duckdb" or "postgres": the dialect a connection from ``Warehouse.connect`` speaks."""
+    return str(getattr(connection, "dialect", "duckdb"))
 
 
 def replace_rows(
-    connection: duckdb.DuckDBPyConnection,
+    connection: Any,
     table: str,
     frame: pd.DataFrame,
     key_columns: Sequence[str],
 ) -> None:
-    """Upsert ``frame`` into ``table`` by ``key_columns`` (delete matching keys, insert), in the caller's
-    transaction. Columns are matched by name, so the frame may list them in any order."""
+    """Upsert ``frame`` into ``table`` by ``key_columns``, in the caller's transaction. Columns are
+    matched by name, so the frame may list them in any order. DuckDB: delete matching keys, insert (its
+    single writer makes that safe); PostgreSQL: ``insert ... on conflict do update``, which concurrent
+    writers of the same keys cannot turn into duplicates or unique-key errors."""
     if frame.empty:
+        return
+    if dialect_of(connection) == "postgres":
+        connection.upsert(table, frame, key_columns)
         return
     connection.register("incoming_rows", frame)
     try:
@@ -165,17 +275,22 @@ def replace_rows(
             connection.unregister("incoming_rows")
 
 
+def table_exists(connection: Any, table: str) -> bool:
+    """Whether ``table`` exists in the connection's current schema; never raises for an absent one."""
+    [present] = connection.execute(
+        "select count(*) from information_schema.tables where table_schema = current_schema() and table_name = ?",
+        [table],
+    ).fetchone()
+    return bool(present)
+
+
 PSEUDONYM_SCHEME_COLUMNS = ("key_fingerprint", "record_number_normalisation", "accession_normalisation")
 
 
-def read_pseudonym_scheme(connection: duckdb.DuckDBPyConnection) -> dict[str, str] | None:
+def read_pseudonym_scheme(connection: Any) -> dict[str, str] | None:
     """The warehouse's recorded pseudonymisation scheme, or None where the table or its row is absent.
     Never raises for an absent table (so it is safe inside the caller's transaction)."""
-    [present] = connection.execute(
-        "select count(*) from duckdb_tables() where database_name = current_database() "
-        "and schema_name = 'main' and table_name = 'pseudonym_scheme'"
-    ).fetchone()
-    if not present:
+    if not table_exists(connection, "pseudonym_scheme"):
         return None
     row = connection.execute(
         f"select {', '.join(PSEUDONYM_SCHEME_COLUMNS)} from pseudonym_scheme where scheme_id = 1"
@@ -184,7 +299,7 @@ def read_pseudonym_scheme(connection: duckdb.DuckDBPyConnection) -> dict[str, st
 
 
 def record_pseudonym_scheme(
-    connection: duckdb.DuckDBPyConnection,
+    connection: Any,
     key_fingerprint: str,
     record_number_normalisation: str,
     accession_normalisation: str,
@@ -192,11 +307,8 @@ def record_pseudonym_scheme(
     """Record the scheme unless one is recorded already (then nothing changes: compare with
     ``read_pseudonym_scheme``). Notes how many smears the warehouse held already, imported before the
     scheme was recorded."""
-    [smears_before] = connection.execute(
-        "select count(*) from duckdb_tables() where database_name = current_database() "
-        "and schema_name = 'main' and table_name = 'smears'"
-    ).fetchone()
-    if smears_before:
+    smears_before = 0
+    if table_exists(connection, "smears"):
         [smears_before] = connection.execute("select count(*) from smears").fetchone()
     connection.execute(
         "insert into pseudonym_scheme (scheme_id, key_fingerprint, record_number_normalisation, "

@@ -1,0 +1,299 @@
+"""The warehouse on PostgreSQL: for many machines writing at once (the network-scale deployment).
+
+A DuckDB file takes one writing process; pods are separate machines. PostgreSQL takes them all, and
+``insert ... on conflict`` keeps concurrent upserts free of duplicates and key errors. DuckDB stays the
+embedded default and the lab's analytics engine (it reads Parquet mirrors and can attach this database).
+
+Location: ``postgresql://user@host:port/database`` (``HEMA_WAREHOUSE``). Put no password in it (it would
+reach Dagster's run config and the UI): libpq reads ``PGPASSWORD`` or ``PGPASSFILE``, which a Kubernetes
+secret provides (deploy/README.md).
+
+``PostgresConnection`` answers the calls the project makes on a DuckDB connection: ``execute`` with ``?``
+placeholders then ``df()`` / ``fetchone()`` / ``fetchall()`` / ``to_arrow_table()``, and ``register`` /
+``unregister`` of a DataFrame (a temporary table). JSON columns come back as text, as DuckDB returns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import math
+import re
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+import pyarrow
+
+from hema_pipeline.storage.warehouse import (
+    LOCK_WAIT_SECONDS,
+    Warehouse,
+    WarehouseMissing,
+    schema_sql,
+    table_exists,
+)
+
+# pg_advisory_lock key held while the schema is applied, so that pods starting together do not race on
+# "create table if not exists" (which is not atomic in PostgreSQL's catalogue).
+SCHEMA_LOCK_KEY = 0x68656D61  # "hema"
+
+# What a locked-down (user-written) query may take before PostgreSQL cancels it.
+LOCKED_DOWN_STATEMENT_TIMEOUT_MS = 120_000
+
+
+def _sql_with_pyformat_placeholders(sql: str) -> str:
+    """``?`` placeholders (outside quotes) become psycopg2's ``%s``; literal ``%`` is doubled."""
+    parts = re.split(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")", sql)
+    for index in range(0, len(parts), 2):
+        parts[index] = parts[index].replace("%", "%%").replace("?", "%s")
+    for index in range(1, len(parts), 2):
+        parts[index] = parts[index].replace("%", "%%")
+    return "".join(parts)
+
+
+def _python_value(value: Any) -> Any:
+    """numpy and pandas scalars as the Python values psycopg2 adapts; missing values as NULL."""
+    if value is None or value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.to_pydatetime()
+    if isinstance(value, (list, tuple)):
+        return [_python_value(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return [_python_value(item) for item in value.tolist()]
+    return value
+
+
+def _column_type(series: pd.Series) -> str:
+    if series.dtype == object:
+        present = series.dropna()
+        sample = present.iloc[0] if len(present) else None
+        if isinstance(sample, dt.datetime):
+            return "timestamp"
+        if isinstance(sample, dt.date):
+            return "date"
+        if isinstance(sample, bool):
+            return "boolean"
+        if isinstance(sample, int):
+            return "bigint"
+        if isinstance(sample, float):
+            return "double precision"
+        return "text"
+    if pd.api.types.is_bool_dtype(series):
+        return "boolean"
+    if pd.api.types.is_unsigned_integer_dtype(series):
+        return "numeric(20, 0)"
+    if pd.api.types.is_integer_dtype(series):
+        return "bigint"
+    if pd.api.types.is_float_dtype(series):
+        return "double precision"
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return "timestamp"
+    return "text"
+
+
+def _quoted(name: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise ValueError(f"not a plain SQL identifier: {name!r}")
+    return name
+
+
+def _rows(frame: pd.DataFrame) -> list[tuple[Any, ...]]:
+    columns = [frame[column].astype(object).tolist() for column in frame.columns]
+    return [tuple(_python_value(value) for value in row) for row in zip(*columns, strict=True)]
+
+
+class PostgresConnection:
+    """A psycopg2 connection behind the DuckDB-connection calls the project uses. Autocommit, so the
+    project's own ``begin transaction`` / ``commit`` / ``rollback`` statements mark transactions, as on
+    DuckDB."""
+
+    dialect = "postgres"
+
+    def __init__(self, raw: psycopg2.extensions.connection) -> None:
+        self.raw = raw
+        self._cursor: psycopg2.extensions.cursor | None = None
+
+    def execute(self, sql: str, parameters: Sequence[object] | None = None) -> PostgresConnection:
+        cursor = self.raw.cursor()
+        if parameters:
+            cursor.execute(_sql_with_pyformat_placeholders(sql), [_python_value(value) for value in parameters])
+        else:
+            cursor.execute(sql)
+        self._cursor = cursor
+        return self
+
+    def _result_cursor(self) -> psycopg2.extensions.cursor:
+        if self._cursor is None or self._cursor.description is None:
+            raise psycopg2.ProgrammingError("the last statement returned no rows")
+        return self._cursor
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._result_cursor().fetchone()
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._result_cursor().fetchall()
+
+    def df(self) -> pd.DataFrame:
+        cursor = self._result_cursor()
+        names = [column.name for column in cursor.description]
+        frame = pd.DataFrame.from_records(cursor.fetchall(), columns=names)
+        for name in names:
+            column = frame[name]
+            if column.dtype == object and len(column) and column.map(lambda v: isinstance(v, decimal.Decimal)).any():
+                # numeric(20, 0) holds unsigned 64-bit hashes; other numerics are measurements.
+                whole = column.dropna().map(lambda v: v == v.to_integral_value()).all()
+                frame[name] = column.map(lambda v: None if v is None else (int(v) if whole else float(v)))
+        return frame
+
+    def to_arrow_table(self) -> pyarrow.Table:
+        return pyarrow.Table.from_pandas(self.df(), preserve_index=False)
+
+    def sql(self, sql: str, params: Sequence[object] | None = None) -> PostgresConnection:
+        """DuckDB's relational entry point, for the one use the project makes of it (``to_arrow_table``)."""
+        return self.execute(sql, params)
+
+    def register(self, name: str, frame: pd.DataFrame) -> None:
+        """``frame`` as a temporary table ``name`` (until ``unregister`` or the connection closes)."""
+        table = _quoted(name)
+        columns = ", ".join(f"{_quoted(str(column))} {_column_type(frame[column])}" for column in frame.columns)
+        cursor = self.raw.cursor()
+        cursor.execute(f"drop table if exists pg_temp.{table}")
+        cursor.execute(f"create temporary table {table} ({columns})")
+        if not frame.empty:
+            psycopg2.extras.execute_values(cursor, f"insert into {table} values %s", _rows(frame), page_size=1000)
+
+    def unregister(self, name: str) -> None:
+        if self.raw.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INERROR:
+            # The rollback that follows drops it; a statement now would hide the error that aborted it.
+            return
+        self.raw.cursor().execute(f"drop table if exists pg_temp.{_quoted(name)}")
+
+    def upsert(self, table: str, frame: pd.DataFrame, key_columns: Sequence[str]) -> None:
+        """``insert ... on conflict (keys) do update``: one statement per page, safe under concurrent writers."""
+        columns = [_quoted(str(column)) for column in frame.columns]
+        keys = [_quoted(column) for column in key_columns]
+        updates = [column for column in columns if column not in keys]
+        action = "do update set " + ", ".join(f"{column} = excluded.{column}" for column in updates) if updates else "do nothing"
+        statement = (
+            f"insert into {_quoted(table)} ({', '.join(columns)}) values %s "
+            f"on conflict ({', '.join(keys)}) {action}"
+        )
+        psycopg2.extras.execute_values(self.raw.cursor(), statement, _rows(frame), page_size=1000)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _json_as_text(raw: psycopg2.extensions.connection) -> None:
+    psycopg2.extras.register_default_json(raw, loads=lambda text: text)
+    psycopg2.extras.register_default_jsonb(raw, loads=lambda text: text)
+
+
+class PostgresWarehouse(Warehouse):
+    """The warehouse in a PostgreSQL database (its default schema)."""
+
+    dialect = "postgres"
+
+    def __init__(self, location: str) -> None:
+        parsed = urllib.parse.urlsplit(str(location))
+        if parsed.password:
+            raise ValueError(
+                "the warehouse URL must not hold a password (it would show in run config and the UI): "
+                "set PGPASSWORD or PGPASSFILE instead"
+            )
+        # libpq does not know SQLAlchemy's driver suffix.
+        self.dsn = urllib.parse.urlunsplit(parsed._replace(scheme="postgresql"))
+        self._schema_applied = False
+
+    @property
+    def description(self) -> str:
+        parsed = urllib.parse.urlsplit(self.dsn)
+        host = parsed.hostname or "localhost"
+        port = f":{parsed.port}" if parsed.port else ""
+        return f"postgresql://{host}{port}{parsed.path}"
+
+    def _open(self, read_only: bool, statement_timeout_ms: int | None = None) -> PostgresConnection:
+        options = []
+        if read_only:
+            options.append("-c default_transaction_read_only=on")
+        if statement_timeout_ms is not None:
+            options.append(f"-c statement_timeout={int(statement_timeout_ms)}")
+        raw = psycopg2.connect(self.dsn, options=" ".join(options) or None, application_name="hema-pipeline")
+        raw.autocommit = True
+        _json_as_text(raw)
+        return PostgresConnection(raw)
+
+    def exists(self) -> bool:
+        try:
+            connection = self._open(read_only=True)
+        except psycopg2.OperationalError:
+            return False
+        try:
+            return table_exists(connection, "cells")
+        finally:
+            connection.close()
+
+    def _apply_schema(self, connection: PostgresConnection) -> None:
+        connection.execute("select pg_advisory_lock(?)", [SCHEMA_LOCK_KEY])
+        try:
+            connection.execute(schema_sql(self.dialect))
+        finally:
+            connection.execute("select pg_advisory_unlock(?)", [SCHEMA_LOCK_KEY])
+        self._schema_applied = True
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[PostgresConnection]:
+        connection = self._open(read_only)
+        try:
+            if not read_only and not self._schema_applied:
+                self._apply_schema(connection)
+            yield connection
+        finally:
+            connection.close()
+
+    @contextmanager
+    def transaction(self, serialise_on: str | None = None) -> Iterator[PostgresConnection]:
+        with self.connect() as connection:
+            connection.execute("begin transaction")
+            try:
+                if serialise_on is not None:
+                    # Released by commit or rollback; two imports of one smear wait for each other,
+                    # imports of different smears do not.
+                    connection.execute("select pg_advisory_xact_lock(hashtextextended(?, 0))", [serialise_on])
+                yield connection
+                connection.execute("commit")
+            except BaseException:
+                with contextlib.suppress(psycopg2.Error):
+                    connection.execute("rollback")
+                raise
+
+    @contextmanager
+    def connect_existing(
+        self, lock_wait_seconds: float = LOCK_WAIT_SECONDS, locked_down: bool = False
+    ) -> Iterator[PostgresConnection]:
+        """Read-only (every transaction of the session is read only); ``locked_down`` adds a statement
+        timeout. Raises ``WarehouseMissing`` where the schema was never applied. Protection from SQL the
+        caller did not write rests on the role as well: give ``hema query`` a role with SELECT only
+        (deploy/README.md), since a session setting can be changed by the SQL it runs."""
+        try:
+            connection = self._open(read_only=True, statement_timeout_ms=LOCKED_DOWN_STATEMENT_TIMEOUT_MS if locked_down else None)
+        except psycopg2.OperationalError as error:
+            raise WarehouseMissing(f"the warehouse {self.description} cannot be reached: {error.args[0].strip()}") from error
+        try:
+            if not table_exists(connection, "cells"):
+                raise WarehouseMissing(f"the warehouse {self.description} has no schema yet (nothing imported)")
+            yield connection
+        finally:
+            connection.close()
