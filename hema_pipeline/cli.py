@@ -34,7 +34,13 @@ def _query(args: argparse.Namespace) -> int:
     """Lab SQL on a locked-down, read-only connection: no files, extensions or settings changes, and a
     missing warehouse is an error (never created)."""
     from hema_pipeline import settings
-    from hema_pipeline.storage.warehouse import WAREHOUSE_ERRORS, Warehouse, WarehouseBusy, WarehouseMissing
+    from hema_pipeline.storage.warehouse import (
+        WAREHOUSE_ERRORS,
+        Warehouse,
+        WarehouseBusy,
+        WarehouseMissing,
+        WarehouseRoleTooPowerful,
+    )
 
     import pandas as pd
 
@@ -43,6 +49,9 @@ def _query(args: argparse.Namespace) -> int:
         frame = warehouse.query_locked_down(args.sql)
     except WarehouseMissing as error:
         print(f"hema query: {error}; check --warehouse / HEMA_WAREHOUSE (nothing was created)", file=sys.stderr)
+        return 2
+    except WarehouseRoleTooPowerful as error:
+        print(f"hema query: {error}", file=sys.stderr)
         return 2
     except WarehouseBusy as error:
         print(f"hema query: {error}; try again when the run has finished", file=sys.stderr)

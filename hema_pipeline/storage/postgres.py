@@ -36,6 +36,7 @@ from hema_pipeline.storage.warehouse import (
     LOCK_WAIT_SECONDS,
     Warehouse,
     WarehouseMissing,
+    WarehouseRoleTooPowerful,
     schema_sql,
     table_exists,
 )
@@ -294,6 +295,14 @@ class PostgresWarehouse(Warehouse):
         try:
             if not table_exists(connection, "cells"):
                 raise WarehouseMissing(f"the warehouse {self.description} has no schema yet (nothing imported)")
+            if locked_down:
+                [(superuser,)] = connection.execute("select rolsuper from pg_roles where rolname = current_user").fetchall()
+                if superuser:
+                    # A superuser can leave the read-only session and read server files: lab SQL needs a
+                    # role with SELECT only (deploy/README.md, "the reader role").
+                    raise WarehouseRoleTooPowerful(
+                        "refusing to run lab SQL as a superuser role: connect as a role with SELECT only"
+                    )
             yield connection
         finally:
             connection.close()

@@ -67,6 +67,10 @@ class WarehouseMissing(FileNotFoundError):
     """The warehouse file does not exist (and a reader must not create it)."""
 
 
+class WarehouseRoleTooPowerful(PermissionError):
+    """SQL the caller did not write was to run as a role that could escape a read-only session."""
+
+
 class WarehouseBusy(RuntimeError):
     """Another process holds the warehouse file's write lock."""
 

@@ -1,0 +1,125 @@
+"""The PostgreSQL warehouse under the load a lab network puts on it: many processes importing the same and
+different smears at once, lab SQL through `hema query`, and locations that would leak a password.
+
+The single-process behaviour of both backends is covered where it is tested for DuckDB: test_import.py
+and test_inference_sql.py run every test on both."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from hema_pipeline.cli import main
+from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
+from hema_pipeline.storage.warehouse import Warehouse
+from hema_pipeline_tests.support import TEST_KEY
+
+PROCESSES = 6
+SMEARS = 4
+CELLS_PER_SMEAR = 15
+
+
+def _import_everything_in_some_order(location: str, root: str, order_seed: int) -> list[tuple[str, str, int]]:
+    """One worker: every smear of the inbox, in its own order. Returns (smear, status, cells imported)."""
+    from hema_pipeline.ingest.inbox import Inbox
+    from hema_pipeline.ingest.smear_import import ImportTargets, import_smear
+    from hema_pipeline.storage.object_store import LocalObjectStore
+
+    base = Path(root)
+    inbox = Inbox(LocalObjectStore(base / "inbox"), settle_seconds=0)
+    targets = ImportTargets(LocalObjectStore(base / "lake"), LocalObjectStore(base / "quarantine"), Warehouse(location))
+    smears = inbox.smears()
+    random.Random(order_seed).shuffle(smears)
+    reports = [import_smear(inbox.store, smear, TEST_KEY, targets) for smear in smears]
+    return [(report.smear_id, report.status, report.cells_imported) for report in reports]
+
+
+def test_concurrent_imports_of_the_same_and_different_smears_lose_and_duplicate_nothing(tmp_path, postgres_database):
+    export = generate_export(tmp_path / "inbox", SyntheticExportSpec(smears=SMEARS, cells_per_smear=CELLS_PER_SMEAR, seed=11))
+    # One unreadable image: its quarantine row must be written once, however many imports find it.
+    broken_smear = export.smears[0]
+    broken = sorted((tmp_path / "inbox").glob(f"{broken_smear.accession}/*.jpg"))[0]
+    broken.write_bytes(b"not a jpeg at all")
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(PROCESSES) as pool:
+        outcomes = pool.starmap(
+            _import_everything_in_some_order, [(postgres_database, str(tmp_path), seed) for seed in range(PROCESSES)]
+        )
+
+    warehouse = Warehouse(postgres_database)
+    reports = [report for worker in outcomes for report in worker]
+    assert len(reports) == PROCESSES * SMEARS
+    cells = warehouse.query("select cell_uid, smear_id from cells")
+    assert len(cells) == SMEARS * CELLS_PER_SMEAR - 1 and cells["cell_uid"].is_unique
+    assert set(cells["smear_id"]) == {TEST_KEY.smear_id(smear.accession) for smear in export.smears}
+    # Imports of one smear ran one after another: exactly one wrote its cells, the rest found them.
+    for smear_id in set(cells["smear_id"]):
+        of_smear = [(status, imported) for sid, status, imported in reports if sid == smear_id]
+        assert sum(imported for _, imported in of_smear) == int((cells["smear_id"] == smear_id).sum())
+        assert {status for status, _ in of_smear} <= {"imported", "partially_quarantined", "already_present"}
+        assert sum(imported > 0 for _, imported in of_smear) == 1
+    runs = warehouse.query("select import_run_id from import_runs")
+    assert len(runs) == PROCESSES * SMEARS and runs["import_run_id"].is_unique
+    smears = warehouse.query("select smear_id, cell_count from smears order by smear_id")
+    assert len(smears) == SMEARS and sorted(smears["cell_count"]) == sorted([CELLS_PER_SMEAR] * (SMEARS - 1) + [CELLS_PER_SMEAR - 1])
+    quarantine = warehouse.query("select smear_id, reason_code, resolved_by_import_run_id from quarantine")
+    assert len(quarantine) == 1
+    assert quarantine.loc[0, "smear_id"] == TEST_KEY.smear_id(broken_smear.accession)
+    assert quarantine.loc[0, "reason_code"] == "not_an_image" and quarantine.loc[0, "resolved_by_import_run_id"] is None
+
+
+@pytest.fixture
+def reader_url(postgres_database: str) -> str:
+    """The warehouse with its schema and one row, and the URL of a role that may only read it."""
+    Warehouse(postgres_database).query("select 1")  # creates the schema
+    with psycopg2.connect(postgres_database) as admin, admin.cursor() as cursor:
+        cursor.execute(
+            "insert into quarantine (quarantine_id, smear_id, cell_id, reason_code, reason, import_run_id, quarantined_at) "
+            "values ('q1', 'Sabc', 3, 'corrupt_image', 'not a JPEG', 'r1', timestamp '2026-03-01 10:00:00')"
+        )
+        cursor.execute("do $$ begin if not exists (select from pg_roles where rolname = 'hema_reader') then create role hema_reader login; end if; end $$")
+        cursor.execute("grant select on all tables in schema public to hema_reader")
+    return postgres_database.replace("postgres@", "hema_reader@", 1)
+
+
+def test_hema_query_reads_through_a_reader_role_and_cannot_write_or_read_files(reader_url, capsys):
+    assert main(["query", "--warehouse", reader_url, "--csv", "select reason_code, count(*) as n from open_quarantine group by 1"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["reason_code,n", "corrupt_image,1"]
+    for attempt in (
+        "delete from quarantine",
+        "insert into quarantine (quarantine_id, smear_id, reason_code, reason, import_run_id, quarantined_at) values ('q2', 's', 'x', 'x', 'r', now())",
+        "select pg_read_file('/etc/passwd')",
+        "set transaction read write; delete from quarantine",
+        "copy quarantine to '/tmp/hema-query-escape.csv'",
+    ):
+        assert main(["query", "--warehouse", reader_url, attempt]) == 1, attempt
+        assert capsys.readouterr().err.startswith("hema query: ")
+    assert not Path("/tmp/hema-query-escape.csv").exists()
+    assert Warehouse(reader_url).query_locked_down("select count(*) as n from quarantine")["n"].tolist() == [1]
+
+
+def test_hema_query_refuses_a_superuser_role(postgres_database, capsys):
+    Warehouse(postgres_database).query("select 1")
+    assert main(["query", "--warehouse", postgres_database, "select 1"]) == 2
+    assert "superuser" in capsys.readouterr().err
+
+
+def test_hema_query_on_an_absent_database_creates_nothing(postgres_server, capsys):
+    absent = postgres_server.rsplit("/", 1)[0] + "/hema_never_created"
+    assert main(["query", "--warehouse", absent, "select 1"]) == 2
+    assert "nothing was created" in capsys.readouterr().err
+    with psycopg2.connect(postgres_server) as admin, admin.cursor() as cursor:
+        cursor.execute("select count(*) from pg_database where datname = 'hema_never_created'")
+        assert cursor.fetchone() == (0,)
+
+
+def test_a_location_with_a_password_is_refused_and_descriptions_never_show_one(postgres_database):
+    with pytest.raises(ValueError, match="PGPASSWORD"):
+        Warehouse(postgres_database.replace("postgres@", "postgres:secret@", 1))
+    assert "@" not in Warehouse(postgres_database).description
+    assert Warehouse(postgres_database.replace("postgresql://", "postgresql+psycopg2://", 1)).exists() is False
