@@ -126,7 +126,9 @@ def retraining_sensor(
     name="run_failure_recorder",
     minimum_interval_seconds=settings.failure_sensor_interval_seconds(),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Records every failed run of this code location in the warehouse table `run_failures`.",
+    # At scale the imports run in another code location (hema_pipeline/defs/definitions.py).
+    monitor_all_code_locations=True,
+    description="Records every failed run, of every code location, in the warehouse table `run_failures`.",
 )
 def run_failure_recorder(context: dg.RunFailureSensorContext, warehouse: WarehouseResource) -> None:
     run = context.dagster_run

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from hema_pipeline.anonymise.pseudonymise import PseudonymConfigError, PseudonymKey
+from hema_pipeline.defs.kubernetes import IMPORT_RUN_POD, k8s_tags
 from hema_pipeline.defs.resources import (
     InboxResource,
     PseudonymKeyResource,
@@ -176,7 +177,7 @@ import_smears_job = dg.define_asset_job(
     description="Import (and anonymise) one smear partition from the inbox.",
     # An import takes seconds to minutes; one left STARTED by a crash of its code server is ended by run
     # monitoring after HEMA_IMPORT_MAX_RUNTIME_SECONDS, not after the instance-wide limit sized for training.
-    tags={"dagster/max_runtime": str(settings.import_max_runtime_seconds())},
+    tags={"dagster/max_runtime": str(settings.import_max_runtime_seconds()), **k8s_tags(IMPORT_RUN_POD)},
 )
 
 

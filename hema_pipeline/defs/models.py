@@ -20,6 +20,7 @@ from hema_pipeline.datasets.splits import CALIBRATION, TEST, TRAIN, VALIDATION
 from hema_pipeline.datasets.tasks import TASKS
 from hema_pipeline.defs.datasets import DatasetHandle, dataset_asset_key
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
+from hema_pipeline.defs.kubernetes import TRAINING_RUN_POD, k8s_tags, training_executor, training_step_pod
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
 from hema_pipeline.modeling.calibration import DEFAULT_REFERRAL_CONFIDENCE, DEFAULT_REFERRAL_TARGET
 from hema_pipeline.storage.object_store import ObjectStore
@@ -177,6 +178,8 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
         owners=["team:ml"],
         tags=tags,
         pool=TRAINER_POOL,
+        # Its own pod with a GPU under k8s_job_executor (HEMA_EXECUTOR=k8s); inert otherwise.
+        op_tags=k8s_tags(training_step_pod()),
         description=(
             f"A {task_name} network ({task.architecture_hint} unless configured; an efficientnet_lite backbone "
             "starts from ImageNet weights, the others from scratch) trained on the dataset's training split "
@@ -524,7 +527,8 @@ model_assets = [asset for name in TASKS for asset in build_model_assets(name)]
 
 train_models_job = dg.define_asset_job(
     "train_models",
-    tags=TRAINER_TAGS,
+    tags={**TRAINER_TAGS, **k8s_tags(TRAINING_RUN_POD)},
+    executor_def=training_executor(),
     selection=dg.AssetSelection.groups("quality", "datasets", "models") | dg.AssetSelection.assets("smear_flag_thresholds"),
     description=(
         "Snapshot and validate the cell table, rebuild every task's dataset, train, calibrate, register and "

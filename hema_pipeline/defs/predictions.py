@@ -12,6 +12,7 @@ import dagster as dg
 
 from hema_pipeline import settings
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL, imported_smear, smear_partitions
+from hema_pipeline.defs.kubernetes import PREDICTION_RUN_POD, k8s_tags
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
 
 PRIMARY_TASK = "pbc8"
@@ -181,7 +182,8 @@ prediction_automation_sensor = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.assets("smear_predictions", "smear_report"),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=settings.prediction_sensor_interval_seconds(),
-    run_tags={"hema/trigger": "automation"},
+    # Automation runs carry no job tags: the run pod's shape must come with the run's own tags.
+    run_tags={"hema/trigger": "automation", **k8s_tags(PREDICTION_RUN_POD)},
     description=(
         "Predicts each newly imported smear, and every smear again when a champion changes (the automation "
         "condition of smear_predictions / smear_report). Running by default, unlike Dagster's default "
@@ -194,5 +196,6 @@ predict_smears_job = dg.define_asset_job(
     "predict_smears",
     selection=dg.AssetSelection.assets("smear_predictions", "smear_report"),
     partitions_def=smear_partitions,
+    tags=k8s_tags(PREDICTION_RUN_POD),
     description="Classify one smear partition with the current champions and write its report.",
 )

@@ -1,0 +1,69 @@
+"""How runs and steps are shaped when Dagster runs on Kubernetes (deploy/): the ``dagster-k8s/config``
+tags the project's jobs, sensors and training steps carry, and the executor of the training job.
+
+Where the tags act (dagster-k8s 0.29): a job's or a run's ``dagster-k8s/config`` tag shapes the run pod
+(K8sRunLauncher); an asset's ``op_tags`` shape its step pod, and only under ``k8s_job_executor``. Runs
+started by declarative automation or backfills carry no job tags, so the automation sensor sets the run
+tags itself. Elsewhere (the embedded default, ``make demo``) the tags are inert.
+
+Settings (environment of the code location):
+
+- ``HEMA_EXECUTOR``: ``k8s`` runs each training step in its own pod (``k8s_job_executor``), so the GPU
+  request below reaches the step that trains; empty (default) keeps Dagster's in-process executor.
+- ``HEMA_GPU_NODE_SELECTOR``: ``label=value`` of the GPU nodes (default ``hema/accelerator=gpu``).
+- ``HEMA_GPU_TOLERATION``: taint key the GPU nodes carry (default ``nvidia.com/gpu``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+K8S_CONFIG_TAG = "dagster-k8s/config"
+
+
+def _resources(cpu: str, memory: str, limit_memory: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    requests = {"cpu": cpu, "memory": memory, **(extra or {})}
+    limits = {"memory": limit_memory, **(extra or {})}
+    return {"container_config": {"resources": {"requests": requests, "limits": limits}}}
+
+
+def _gpu_node_selector() -> dict[str, str]:
+    label, _, value = os.environ.get("HEMA_GPU_NODE_SELECTOR", "hema/accelerator=gpu").partition("=")
+    return {label: value}
+
+
+# Run pods. An import decodes, strips and hashes one smear's JPEGs; a prediction run loads the champions
+# (TensorFlow) and scores one or more smears; the training run pod only orchestrates its step pods.
+IMPORT_RUN_POD: dict[str, Any] = _resources("500m", "1Gi", "2Gi") | {"pod_spec_config": {"priority_class_name": "hema-import"}}
+PREDICTION_RUN_POD: dict[str, Any] = _resources("2", "4Gi", "8Gi") | {"pod_spec_config": {"priority_class_name": "hema-predict"}}
+TRAINING_RUN_POD: dict[str, Any] = _resources("500m", "2Gi", "4Gi") | {"pod_spec_config": {"priority_class_name": "hema-training"}}
+
+
+def training_step_pod() -> dict[str, Any]:
+    """The step pod of ``<task>_trained_model`` under ``k8s_job_executor``: one GPU, on a GPU node."""
+    return _resources("4", "24Gi", "48Gi", {"nvidia.com/gpu": "1"}) | {
+        "pod_spec_config": {
+            "priority_class_name": "hema-training",
+            "node_selector": _gpu_node_selector(),
+            "tolerations": [
+                {"key": os.environ.get("HEMA_GPU_TOLERATION", "nvidia.com/gpu"), "operator": "Exists", "effect": "NoSchedule"}
+            ],
+        },
+    }
+
+
+def k8s_tags(pod: dict[str, Any]) -> dict[str, Any]:
+    return {K8S_CONFIG_TAG: pod}
+
+
+def training_executor() -> Any:
+    """``k8s_job_executor`` when ``HEMA_EXECUTOR=k8s``, else None (Dagster's default executor)."""
+    choice = os.environ.get("HEMA_EXECUTOR", "").strip().lower()
+    if not choice:
+        return None
+    if choice != "k8s":
+        raise ValueError(f"HEMA_EXECUTOR must be empty or 'k8s', got {choice!r}")
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor
