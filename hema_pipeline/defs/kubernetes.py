@@ -33,18 +33,32 @@ def _gpu_node_selector() -> dict[str, str]:
     return {label: value}
 
 
-# Run pods. An import decodes, strips and hashes one smear's JPEGs; a prediction run loads the champions
-# (TensorFlow) and scores one or more smears; the training run pod only orchestrates its step pods.
-IMPORT_RUN_POD: dict[str, Any] = _resources("500m", "1Gi", "2Gi") | {"pod_spec_config": {"priority_class_name": "hema-import"}}
-PREDICTION_RUN_POD: dict[str, Any] = _resources("2", "4Gi", "8Gi") | {"pod_spec_config": {"priority_class_name": "hema-predict"}}
-TRAINING_RUN_POD: dict[str, Any] = _resources("500m", "2Gi", "4Gi") | {"pod_spec_config": {"priority_class_name": "hema-training"}}
+def _zone(zone: str, service_account: str, priority_class: str) -> dict[str, Any]:
+    """Who the pod is: its zone label (what deploy/kubernetes/60-network-policies.yaml lets it reach), its
+    service account (what its cloud identity lets it read), its priority class."""
+    return {
+        "pod_template_spec_metadata": {"labels": {"hema/zone": zone, "app.kubernetes.io/part-of": "hema-pipeline"}},
+        "pod_spec_config": {"service_account_name": service_account, "priority_class_name": priority_class},
+    }
+
+
+IDENTIFIABLE, ANONYMISED = "identifiable", "anonymised"
+
+# Run pods. An import decodes, strips and hashes one smear's JPEGs, and is the only pod that reads the
+# inbox; a prediction run loads the champions (TensorFlow) and scores one or more smears; the training
+# run pod only orchestrates its step pods.
+IMPORT_RUN_POD: dict[str, Any] = _resources("500m", "1Gi", "2Gi") | _zone(IDENTIFIABLE, "hema-ingest", "hema-import")
+PREDICTION_RUN_POD: dict[str, Any] = _resources("2", "4Gi", "8Gi") | _zone(ANONYMISED, "hema-ml", "hema-predict")
+TRAINING_RUN_POD: dict[str, Any] = _resources("500m", "2Gi", "4Gi") | _zone(ANONYMISED, "hema-ml", "hema-training")
 
 
 def training_step_pod() -> dict[str, Any]:
     """The step pod of ``<task>_trained_model`` under ``k8s_job_executor``: one GPU, on a GPU node."""
+    zone = _zone(ANONYMISED, "hema-ml", "hema-training")
     return _resources("4", "24Gi", "48Gi", {"nvidia.com/gpu": "1"}) | {
+        "pod_template_spec_metadata": zone["pod_template_spec_metadata"],
         "pod_spec_config": {
-            "priority_class_name": "hema-training",
+            **zone["pod_spec_config"],
             "node_selector": _gpu_node_selector(),
             "tolerations": [
                 {"key": os.environ.get("HEMA_GPU_TOLERATION", "nvidia.com/gpu"), "operator": "Exists", "effect": "NoSchedule"}
