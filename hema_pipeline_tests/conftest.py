@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,51 +126,20 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[name] = value
 
 
-def _postgres_binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
-    return str(candidates[0]) if candidates else None
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """A real PostgreSQL server (Debian's postgresql package) on 127.0.0.1 and a random port for the
     session; yields the URL of its maintenance database. Skips where the package is absent, unless
     HEMA_REQUIRE_POSTGRES=1 (as in .ci/run) turns that into a failure."""
-    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
-    if not initdb or not pg_ctl:
-        message = "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql"
-        if os.environ.get("HEMA_REQUIRE_POSTGRES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    # Directly under the system temp folder, which the postgres user can traverse (pytest's is 0700).
-    root = Path(tempfile.mkdtemp(prefix="hema-postgres-"))
-    data = root / "data"
-    # initdb and postgres refuse to run as root: run them as Debian's postgres user then.
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, user="postgres")
-    subprocess.run(
-        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    port = _free_port()
-    options = f"-h 127.0.0.1 -p {port} -k {root} -F -c max_connections=200 -c fsync=off -c full_page_writes=off"
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    from hema_pipeline_tests.postgres_server import PostgresMissing, running_postgres
+
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL, check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        with running_postgres() as url:
+            yield url
+    except PostgresMissing as missing:
+        if os.environ.get("HEMA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
 
 
 @pytest.fixture
@@ -182,13 +149,15 @@ def postgres_database(postgres_server: str) -> Iterator[str]:
 
     import psycopg2
 
+    from hema_pipeline_tests.postgres_server import create_database
+
     name = f"hema_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(postgres_server)
-    admin.autocommit = True
-    admin.cursor().execute(f"create database {name}")
+    url = create_database(postgres_server, name)
     try:
-        yield postgres_server.rsplit("/", 1)[0] + f"/{name}"
+        yield url
     finally:
+        admin = psycopg2.connect(postgres_server)
+        admin.autocommit = True
         admin.cursor().execute(f"drop database if exists {name} with (force)")
         admin.close()
 

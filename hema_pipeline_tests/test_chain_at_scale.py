@@ -19,6 +19,7 @@ from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
 from hema_pipeline.storage.object_store import open_object_store
 from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline.taxonomy import CELL_CLASSES
+from hema_pipeline_tests.postgres_server import create_database
 from hema_pipeline_tests.support import TEST_KEY
 
 pytestmark = pytest.mark.slow
@@ -27,12 +28,7 @@ TASK = "pbc8"
 
 
 def _database(server: str) -> str:
-    name = f"hema_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(server)
-    admin.autocommit = True
-    admin.cursor().execute(f"create database {name}")
-    admin.close()
-    return server.rsplit("/", 1)[0] + f"/{name}"
+    return create_database(server, f"hema_{uuid.uuid4().hex[:12]}")
 
 
 def _instance_config(dagster_url: str, bucket: str, endpoint: str) -> dict:
