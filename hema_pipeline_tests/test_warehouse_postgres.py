@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import re
 from pathlib import Path
 
 import psycopg2
@@ -123,3 +124,26 @@ def test_a_location_with_a_password_is_refused_and_descriptions_never_show_one(p
         Warehouse(postgres_database.replace("postgres@", "postgres:secret@", 1))
     assert "@" not in Warehouse(postgres_database).description
     assert Warehouse(postgres_database.replace("postgresql://", "postgresql+psycopg2://", 1)).exists() is False
+
+
+def test_placeholders_are_translated_outside_quotes_only():
+    from hema_pipeline.storage.postgres import _sql_with_pyformat_placeholders
+
+    assert _sql_with_pyformat_placeholders("select ? where a = '?' and b like '5%' and c = \"x?\" and d = ?") == (
+        "select %s where a = '?' and b like '5%%' and c = \"x?\" and d = %s"
+    )
+    assert _sql_with_pyformat_placeholders("select 'it''s ?', ?") == "select 'it''s ?', %s"
+
+
+def test_the_schema_is_one_text_with_the_postgres_edition_of_the_views_only():
+    from hema_pipeline.storage.warehouse import schema_sql
+
+    duckdb_sql, postgres_sql = schema_sql("duckdb"), schema_sql("postgres")
+    qualify = re.compile(r"^\s*qualify\b", re.IGNORECASE | re.MULTILINE)
+    assert qualify.search(duckdb_sql) and not qualify.search(postgres_sql)
+    assert "ubigint" in duckdb_sql and "ubigint" not in postgres_sql.split("--")[0]
+    # Everything before the views is the same text, apart from the one substituted type.
+    marker = "-- hema-pipeline views over predictions"
+    tables_duckdb, tables_postgres = duckdb_sql.split(marker)[0], postgres_sql.split(marker)[0]
+    differing = [(a, b) for a, b in zip(tables_duckdb.splitlines(), tables_postgres.splitlines(), strict=True) if a != b]
+    assert differing and all("ubigint" in a and "numeric(20, 0)" in b for a, b in differing)

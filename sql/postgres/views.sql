@@ -1,7 +1,7 @@
 -- hema-pipeline views over predictions, PostgreSQL edition of ../views.sql: the same views, columns and
 -- meaning, in PostgreSQL's dialect (no QUALIFY, json_object_keys for json_keys, explicit casts where
 -- PostgreSQL would divide integers or return numeric). Keep the two files in step:
--- hema_pipeline_tests/test_warehouse_backends.py compares every view's columns and rows on both backends.
+-- hema_pipeline_tests/test_inference_sql.py checks every view's hand-computed answers on both backends.
 
 create or replace view current_predictions as
 with versions_per_smear as (
