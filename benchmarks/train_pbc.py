@@ -94,8 +94,9 @@ def prepare_pbc8(
     cells_per_smear: int = 100,
     near_duplicate_check: bool = True,
     crop_fraction: float | None = None,
+    task: str = "pbc8",
 ) -> PreparedData:
-    """Export -> import -> cell table -> pbc8 dataset (+ leakage checks), as the pipeline does it."""
+    """Export -> import -> cell table -> the task's dataset (+ leakage checks), as the pipeline does it."""
     from hema_pipeline.anonymise.pseudonymise import PseudonymKey
     from hema_pipeline.datasets.augmentation import AugmentationConfig
     from hema_pipeline.datasets.near_duplicates import DEFAULT_MAX_DISTANCE, cross_split_near_duplicates_in_manifest
@@ -144,12 +145,12 @@ def prepare_pbc8(
     # The pbc8_dataset asset with its default DatasetBuildConfig, except seed and (if given) image size and crop.
     defaults = DatasetBuildConfig()
     dataset_config = DatasetConfig(
-        task="pbc8",
+        task=task,
         fractions=SplitFractions(
             defaults.train_fraction, defaults.validation_fraction, defaults.calibration_fraction, defaults.test_fraction
         ),
         seed=seed,
-        image_size=TASKS["pbc8"].image_size if image_size is None else image_size,
+        image_size=TASKS[task].image_size if image_size is None else image_size,
         augmentation=AugmentationConfig(),
         balance_classes=defaults.balance_classes,
         crop_fraction=defaults.crop_fraction if crop_fraction is None else crop_fraction,
@@ -160,8 +161,8 @@ def prepare_pbc8(
     facts["dataset_seconds"] = time.perf_counter() - started
     handle = DatasetHandle(
         dataset_version=record.dataset_version,
-        task="pbc8",
-        classes=TASKS["pbc8"].classes,
+        task=task,
+        classes=TASKS[task].classes,
         manifest_key=record.manifest_key,
         config_json=record.config_json,
     )
@@ -232,13 +233,13 @@ def train_and_calibrate(
     ensemble_members: int | None = None,
     learning_rate: float | None = None,
 ):
-    """Run the pbc8_trained_model and pbc8_calibration asset bodies on ``dataset`` (a DatasetHandle)."""
+    """Run the <task>_trained_model and <task>_calibration asset bodies on ``dataset`` (a DatasetHandle)."""
     import dagster as dg
 
     from hema_pipeline.defs.models import CalibrationConfig, TrainingRunConfig
 
     storage, _ = storage_resources(prepared)
-    trained_output = asset_by_name("pbc8_trained_model")(
+    trained_output = asset_by_name(f"{dataset.task}_trained_model")(
         dg.build_asset_context(),
         # Epochs, patience and ensemble size left out take TrainingRunConfig's defaults, as the asset would.
         config=TrainingRunConfig(
@@ -258,7 +259,7 @@ def train_and_calibrate(
         dataset=dataset,
         storage=storage,
     )
-    calibration_output = asset_by_name("pbc8_calibration")(
+    calibration_output = asset_by_name(f"{dataset.task}_calibration")(
         dg.build_asset_context(),
         config=CalibrationConfig() if test_time_views is None else CalibrationConfig(test_time_views=test_time_views),
         dataset=dataset,
@@ -312,7 +313,7 @@ def register(prepared: PreparedData, trained, calibrated):
     import dagster as dg
 
     storage, warehouse = storage_resources(prepared)
-    result = asset_by_name("pbc8_model")(
+    result = asset_by_name(f"{prepared.dataset.task}_model")(
         dg.build_asset_context(),
         dataset=prepared.dataset,
         trained=trained,
@@ -399,6 +400,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("pbc8_benchmark.json"))
     parser.add_argument("--log-file", default=None)
     parser.add_argument(
+        "--task", default="pbc8", choices=["pbc8", "wbc4", "mono_poly"], help="a task the PBC images can train (default pbc8)"
+    )
+    parser.add_argument(
         "--keep",
         type=Path,
         default=None,
@@ -424,6 +428,7 @@ def main() -> None:
             args.max_per_class,
             near_duplicate_check=not args.skip_near_duplicates,
             crop_fraction=args.crop_fraction,
+            task=args.task,
         )
         with recording_ensemble_members() as members:
             trained_output, calibration_output = train_and_calibrate(
@@ -446,6 +451,7 @@ def main() -> None:
 
     metadata = trained_output.metadata
     summary = {
+        "task": args.task,
         "command": " ".join(sys.argv),
         "machine": machine_description(),
         "device": trained.device,

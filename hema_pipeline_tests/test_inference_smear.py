@@ -78,8 +78,8 @@ def test_a_smear_from_store_to_warehouse(tmp_path, classifiers):
         routes = [Route("pbc", "neutrophil", "dysplasia")]
         cells = load_smear_cells(connection, SMEAR)
         inference = infer_smear(SMEAR, cells, store, classifiers, "pbc", routes, created_at=dt.datetime(2026, 11, 20, 12, 0))
-        save_smear_inference(connection, inference, "prun-1")
-        save_smear_inference(connection, inference, "prun-1")  # a re-run of the same partition
+        save_smear_inference(warehouse, inference, "prun-1")
+        save_smear_inference(warehouse, inference, "prun-1")  # a re-run of the same partition
 
         assert connection.execute("select task, count(*) from predictions group by 1 order by 1").fetchall() == [
             ("dysplasia", 2),

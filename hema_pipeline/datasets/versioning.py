@@ -200,11 +200,12 @@ def write_dataset(
     store.put_bytes(key, buffer.getvalue())
 
     split_counts = dataset.split_counts()
-    with warehouse.connect() as connection:
+    with warehouse.transaction(serialise_on=f"dataset:{dataset.dataset_version}") as connection:
+        # fetchall: DuckDB refuses other work on a connection while a result is only partly read.
         previous = connection.execute(
             "select created_at from dataset_versions where dataset_version = ?", [dataset.dataset_version]
-        ).fetchone()
-        created_at = previous[0] if previous else (now or dt.datetime.now(dt.UTC).replace(tzinfo=None))
+        ).fetchall()
+        created_at = previous[0][0] if previous else (now or dt.datetime.now(dt.UTC).replace(tzinfo=None))
         record = DatasetRecord(
             dataset_version=dataset.dataset_version,
             task=dataset.config.task,
@@ -229,14 +230,8 @@ def write_dataset(
                 }
             ]
         )
-        connection.execute("begin transaction")
-        try:
-            replace_rows(connection, "dataset_manifests", manifest, ["dataset_version", "cell_uid"])
-            replace_rows(connection, "dataset_versions", version_row, ["dataset_version"])
-            connection.execute("commit")
-        except BaseException:
-            connection.execute("rollback")
-            raise
+        replace_rows(connection, "dataset_manifests", manifest, ["dataset_version", "cell_uid"])
+        replace_rows(connection, "dataset_versions", version_row, ["dataset_version"])
     return record
 
 

@@ -153,8 +153,7 @@ def smear_predictions(
     inference = infer_smear(
         smear_id, cells, storage.lake(), classifiers, PRIMARY_TASK, routes, settings=ReportSettings(flags=flag_settings)
     )
-    with store.connect() as connection:
-        save_smear_inference(connection, inference, prediction_run_id=context.run_id or uuid.uuid4().hex)
+    save_smear_inference(store, inference, prediction_run_id=context.run_id or uuid.uuid4().hex)
     predictions, report = inference.predictions, inference.report
     referred = int((~predictions["accepted"]).sum())
     yield dg.MaterializeResult(

@@ -1,7 +1,7 @@
 """Rows for the prediction tables (sql/predictions.sql), written and read back in the caller's
 transaction. Upserts by key, so re-running a smear replaces its rows instead of duplicating them.
 
-Writes delete then insert (``storage.warehouse.replace_rows``): run them inside a transaction
+Writes upsert by key (``storage.warehouse.replace_rows``): run them inside a transaction
 (``begin`` ... ``commit``), as the importer does per smear, so a refused row leaves the old ones."""
 
 from __future__ import annotations

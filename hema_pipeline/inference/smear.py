@@ -21,6 +21,7 @@ from hema_pipeline.inference.records import prediction_records, write_prediction
 from hema_pipeline.inference.report import ReportSettings, SmearReport, build_smear_report
 from hema_pipeline.inference.routing import Route
 from hema_pipeline.storage.object_store import ObjectStore
+from hema_pipeline.storage.warehouse import Warehouse
 
 
 @dataclass(frozen=True)
@@ -110,18 +111,13 @@ def _store_referral_gradcams(
 
 
 def save_smear_inference(
-    connection: duckdb.DuckDBPyConnection,
+    warehouse: Warehouse,
     inference: SmearInference,
     prediction_run_id: str,
     predicted_at: dt.datetime | None = None,
 ) -> None:
     """Predictions and report in one transaction: a failure leaves the smear's previous rows intact."""
     records = prediction_records(inference.predictions, inference.smear_id, prediction_run_id, predicted_at)
-    connection.execute("begin transaction")
-    try:
+    with warehouse.transaction(serialise_on=f"smear:{inference.smear_id}") as connection:
         write_predictions(connection, records)
         write_smear_report(connection, inference.report, prediction_run_id)
-        connection.execute("commit")
-    except BaseException:
-        connection.execute("rollback")
-        raise
