@@ -298,3 +298,21 @@ def test_every_promotion_policy_field_is_on_the_launchpad_with_the_same_default(
     for field in fields(PromotionPolicy):
         assert getattr(launchpad, field.name) == getattr(domain, field.name), field.name
     assert PromotionPolicy(**PromotionConfig(min_referral_coverage=0.97).model_dump()).min_referral_coverage == 0.97
+
+
+def test_registry_reads_never_write_the_warehouse(tmp_path):
+    """Reading who is champion, or registry rows, must not re-apply the schema to the lab's file."""
+    from hema_pipeline.modeling.registry import current_champion, current_champions, warehouse_rows
+    from hema_pipeline.storage.warehouse import Warehouse
+
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    with warehouse.connect() as connection:
+        connection.execute("drop view referral_queue")
+    before = (warehouse.path.stat().st_mtime_ns, warehouse.path.stat().st_size)
+    assert current_champion(warehouse, "pbc8") is None
+    assert current_champions(warehouse, ["pbc8", "wbc4"]) == {"pbc8": None, "wbc4": None}
+    assert warehouse_rows(warehouse, "select * from models").empty
+    fresh = Warehouse(warehouse.path)  # a new process's view of the same file
+    assert current_champion(fresh, "pbc8") is None and warehouse_rows(fresh, "select * from models").empty
+    assert (warehouse.path.stat().st_mtime_ns, warehouse.path.stat().st_size) == before
+    assert warehouse.query("select count(*) as n from information_schema.tables where table_name = 'referral_queue'").n[0] == 0

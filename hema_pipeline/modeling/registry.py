@@ -438,9 +438,9 @@ def _evaluation_rows(card: ModelCard) -> pd.DataFrame:
 
 
 def warehouse_rows(warehouse: Warehouse, sql: str, parameters: Sequence[object] | None = None) -> pd.DataFrame:
-    """A read query that first makes sure the schema (and so the registry tables) exists."""
-    with warehouse.connect() as connection:
-        return connection.execute(sql, list(parameters or [])).df()
+    """A read query on a read-only connection (an absent warehouse is created with its schema first, so
+    the registry tables always exist; an existing one is never written, its views never re-created)."""
+    return warehouse.query(sql, list(parameters or []))
 
 
 def read_card(store: ObjectStore, card_key: str) -> ModelCard:
@@ -696,9 +696,7 @@ def promote_by_operator(warehouse: Warehouse, task: str, model_version: str, rea
 
 
 def current_champion(warehouse: Warehouse, task: str) -> str | None:
-    with warehouse.connect() as connection:
-        stack = _champion_stack(connection, task)
-    return stack[-1] if stack else None
+    return current_champions(warehouse, [task])[task]
 
 
 def current_champions(warehouse: Warehouse, tasks: Sequence[str]) -> dict[str, str | None]:
