@@ -104,10 +104,17 @@ def test_hema_query_reads_through_a_reader_role_and_cannot_write_or_read_files(r
     assert Warehouse(reader_url).query_locked_down("select count(*) as n from quarantine")["n"].tolist() == [1]
 
 
-def test_hema_query_refuses_a_superuser_role(postgres_database, capsys):
+def test_hema_query_refuses_a_superuser_role_and_a_role_that_can_write(postgres_database, capsys):
     Warehouse(postgres_database).query("select 1")
     assert main(["query", "--warehouse", postgres_database, "select 1"]) == 2
     assert "superuser" in capsys.readouterr().err
+    # The warehouse's own writer (what HEMA_WAREHOUSE names) could undo the read-only session and write.
+    with psycopg2.connect(postgres_database) as admin, admin.cursor() as cursor:
+        cursor.execute("do $$ begin if not exists (select from pg_roles where rolname = 'hema_writer') then create role hema_writer login; end if; end $$")
+        cursor.execute("grant select, insert on all tables in schema public to hema_writer")
+    writer = postgres_database.replace("postgres@", "hema_writer@", 1)
+    assert main(["query", "--warehouse", writer, "set session characteristics as transaction read write; delete from quarantine"]) == 2
+    assert "can write the warehouse" in capsys.readouterr().err
 
 
 def test_hema_query_on_an_absent_database_creates_nothing(postgres_server, capsys):

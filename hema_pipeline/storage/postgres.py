@@ -296,12 +296,19 @@ class PostgresWarehouse(Warehouse):
             if not table_exists(connection, "cells"):
                 raise WarehouseMissing(f"the warehouse {self.description} has no schema yet (nothing imported)")
             if locked_down:
-                [(superuser,)] = connection.execute("select rolsuper from pg_roles where rolname = current_user").fetchall()
-                if superuser:
-                    # A superuser can leave the read-only session and read server files: lab SQL needs a
-                    # role with SELECT only (deploy/README.md, "the reader role").
+                # A session setting cannot keep SQL the caller did not write from writing: the SQL can
+                # change it (psycopg2 sends several statements as one). The role must be unable to, so lab
+                # SQL runs only as a role that can neither write a warehouse table nor leave the session
+                # (a superuser can also read server files): deploy/README.md, "the reader role".
+                [(superuser, writable)] = connection.execute(
+                    "select r.rolsuper, coalesce(bool_or(has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')), false) "
+                    "from pg_roles r cross join pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                    "where r.rolname = current_user and n.nspname = current_schema() and c.relkind = 'r' group by r.rolsuper"
+                ).fetchall()
+                if superuser or writable:
                     raise WarehouseRoleTooPowerful(
-                        "refusing to run lab SQL as a superuser role: connect as a role with SELECT only"
+                        f"refusing to run lab SQL as a role that {'is a superuser' if superuser else 'can write the warehouse'}: "
+                        "connect as a role with SELECT only"
                     )
             yield connection
         finally:
