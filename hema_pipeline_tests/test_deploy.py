@@ -98,6 +98,18 @@ def test_the_jobs_dagster_k8s_would_submit_are_valid_and_name_what_deploy_create
         assert "nvidia.com/gpu" not in resources.get("limits", {})
 
 
+def test_training_steps_run_the_gpu_image_named_in_the_settings(monkeypatch):
+    from hema_pipeline.defs.kubernetes import k8s_tags, training_step_pod
+
+    settings = _by_kind("ConfigMap")["hema-settings"]["data"]
+    monkeypatch.setenv("HEMA_GPU_IMAGE", settings["HEMA_GPU_IMAGE"])
+    job = _submitted_job(k8s_tags(training_step_pod()), "dagster-step-gpu")
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":ml-gpu-0.1.0")
+    monkeypatch.delenv("HEMA_GPU_IMAGE")
+    assert "image" not in training_step_pod()["container_config"]
+
+
 def test_the_instance_configuration_constructs_with_a_k8s_run_launcher(postgres_database, tmp_path, monkeypatch, s3_endpoint):
     import dagster as dg
     from urllib.parse import urlsplit

@@ -51,6 +51,17 @@ def test_import_through_dagster_writes_cells_images_and_parquet(pipeline_env, da
         pd.read_parquet(path) for path in sorted((pipeline_env.lake / "tables" / "cells").rglob("*.parquet"))
     )
     assert sorted(parquet_cells["cell_uid"]) == sorted(cells["cell_uid"])
+    # The same column types from either warehouse backend, whatever the values: a lake reads them together.
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(next((pipeline_env.lake / "tables" / "cells").rglob("*.parquet")))
+    assert {name: str(schema.field(name).type) for name in ("cell_uid", "cell_id", "width", "verified_class", "imported_at")} == {
+        "cell_uid": "string",
+        "cell_id": "int32",
+        "width": "int32",
+        "verified_class": "string",
+        "imported_at": "timestamp[us]",
+    }
 
     runs = _table(pipeline_env, "select * from import_runs")
     assert len(runs) == 3 and set(runs["status"]) == {"imported"}

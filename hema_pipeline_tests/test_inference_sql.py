@@ -285,7 +285,7 @@ def test_smear_reports_are_keyed_by_version(warehouse):
         SMEAR_A, predictions, cards, "pbc", routes, settings=ReportSettings(flags=FlagSettings(dysplasia_share_threshold=0.25))
     )
     write_smear_report(warehouse, stricter, "prun-1")
-    # The lab's queries in each dialect (docs/sql.md shows both).
+    # The lab's queries in each dialect (deploy/README.md, "Lab SQL on PostgreSQL", shows both).
     by_dialect = {
         "duckdb": """select report_version, total_cells, referred_cells, list_contains(flag_codes, 'review_for_myelodysplasia'),
                             cast(thresholds->>'$.flags.dysplasia_share_threshold' as double), model_versions->>'$.pbc'

@@ -115,6 +115,13 @@ def test_hema_query_refuses_a_superuser_role_and_a_role_that_can_write(postgres_
     writer = postgres_database.replace("postgres@", "hema_writer@", 1)
     assert main(["query", "--warehouse", writer, "set session characteristics as transaction read write; delete from quarantine"]) == 2
     assert "can write the warehouse" in capsys.readouterr().err
+    # A role with no grants of its own that may SET ROLE to the writer is as powerful as the writer.
+    with psycopg2.connect(postgres_database) as admin, admin.cursor() as cursor:
+        cursor.execute("do $$ begin if not exists (select from pg_roles where rolname = 'hema_sneak') then create role hema_sneak login noinherit; end if; end $$")
+        cursor.execute("grant hema_writer to hema_sneak")
+    sneak = postgres_database.replace("postgres@", "hema_sneak@", 1)
+    assert main(["query", "--warehouse", sneak, "set role hema_writer; delete from quarantine"]) == 2
+    assert "could become a role that can" in capsys.readouterr().err
 
 
 def test_hema_query_on_an_absent_database_creates_nothing(postgres_server, capsys):
@@ -129,8 +136,17 @@ def test_hema_query_on_an_absent_database_creates_nothing(postgres_server, capsy
 def test_a_location_with_a_password_is_refused_and_descriptions_never_show_one(postgres_database):
     with pytest.raises(ValueError, match="PGPASSWORD"):
         Warehouse(postgres_database.replace("postgres@", "postgres:secret@", 1))
+    with pytest.raises(ValueError, match="PGPASSWORD"):
+        Warehouse(postgres_database + "?sslmode=disable&password=secret")
     assert "@" not in Warehouse(postgres_database).description
     assert Warehouse(postgres_database.replace("postgresql://", "postgresql+psycopg2://", 1)).exists() is False
+    Warehouse(postgres_database).query("select 1")
+    assert Warehouse(postgres_database.replace("postgresql://", "postgresql+psycopg2://", 1)).exists() is True
+    # A database that is absent is "not created yet"; a server that cannot be reached is an error, not that.
+    assert Warehouse(postgres_database + "_absent").exists() is False
+    unreachable = Warehouse("postgresql://postgres@127.0.0.1:1/hema")
+    with pytest.raises(psycopg2.OperationalError):
+        unreachable.exists()
 
 
 def test_placeholders_are_translated_outside_quotes_only():

@@ -80,6 +80,9 @@ create table if not exists model_promotions (
     decided_at         timestamp not null             -- UTC
 );
 
+-- Two decisions can never share a place in a task's order (writers also serialise per task).
+create unique index if not exists model_promotions_task_sequence on model_promotions (task, sequence);
+
 -- The current champion of each task: the model named by the task's latest champion-changing event.
 create or replace view model_champions as
     select task, model_version, action as became_champion_by, decided_at

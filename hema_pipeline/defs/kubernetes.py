@@ -12,6 +12,9 @@ Settings (environment of the code location):
   request below reaches the step that trains; empty (default) keeps Dagster's in-process executor.
 - ``HEMA_GPU_NODE_SELECTOR``: ``label=value`` of the GPU nodes (default ``hema/accelerator=gpu``).
 - ``HEMA_GPU_TOLERATION``: taint key the GPU nodes carry (default ``nvidia.com/gpu``).
+- ``HEMA_GPU_IMAGE``: the image of the training step pods (deploy/Dockerfile's ``ml-gpu`` target, with
+  TensorFlow's CUDA libraries). Unset, a step runs the run's own image (the CPU ``ml`` one) and would
+  hold a GPU it cannot use.
 """
 
 from __future__ import annotations
@@ -55,7 +58,11 @@ TRAINING_RUN_POD: dict[str, Any] = _resources("500m", "2Gi", "4Gi") | _zone(ANON
 def training_step_pod() -> dict[str, Any]:
     """The step pod of ``<task>_trained_model`` under ``k8s_job_executor``: one GPU, on a GPU node."""
     zone = _zone(ANONYMISED, "hema-ml", "hema-training")
-    return _resources("4", "24Gi", "48Gi", {"nvidia.com/gpu": "1"}) | {
+    resources = _resources("4", "24Gi", "48Gi", {"nvidia.com/gpu": "1"})
+    image = os.environ.get("HEMA_GPU_IMAGE", "").strip()
+    if image:
+        resources["container_config"]["image"] = image
+    return resources | {
         "pod_template_spec_metadata": zone["pod_template_spec_metadata"],
         "pod_spec_config": {
             **zone["pod_spec_config"],

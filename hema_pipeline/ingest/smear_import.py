@@ -455,7 +455,8 @@ class _SmearImport:
                     withdrawn,
                 ],
             )
-        with self.targets.warehouse.connect(read_only=True) as connection:
+            # Inside the transaction (and its per-smear lock): two imports of one smear cannot leave the
+            # older one's rows as the mirror.
             self.write_parquet(connection)
         class_counts = (
             incoming["verified_class"].fillna(incoming["analyser_class"]).value_counts().sort_index().to_dict()
@@ -576,7 +577,7 @@ class _SmearImport:
             connection.unregister("incoming_quarantine")
 
     def write_parquet(self, connection: duckdb.DuckDBPyConnection) -> None:
-        """Mirror the smear's committed rows to Parquet, the files a data lake or a rebuild reads."""
+        """Mirror the smear's rows, as this import commits them, to Parquet: the files a data lake or a rebuild reads."""
         for table, order in (("cells", "cell_uid"), ("smears", "smear_id"), ("quarantine", "quarantine_id")):
             rows = connection.sql(f"select * from {table} where smear_id = ? order by {order}", params=[self.smear_id]).to_arrow_table()
             key = f"tables/{table}/smear_id={self.smear_id}/{table}.parquet"

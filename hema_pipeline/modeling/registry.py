@@ -594,7 +594,9 @@ def decide_promotion(
     are not comparable: pass ``champion_on_challenger_split`` (the champion re-evaluated on the
     challenger's test split, see ``SplitMetrics.from_report``), or this raises ``ValueError``."""
     policy = policy or PromotionPolicy()
-    with warehouse.transaction() as connection:
+    # One decision per task at a time: the gate, an operator's promote and a rollback all read the
+    # promotion log's last sequence number and append the next.
+    with warehouse.transaction(serialise_on=f"promotion:{task}") as connection:
         decision = _decide(
             connection, task, challenger_version, policy, dict(checks or {}), champion_on_challenger_split
         )
@@ -663,7 +665,9 @@ def _decide(
 def rollback(warehouse: Warehouse, task: str, reason: str = "rolled back by operator") -> PromotionDecision:
     """Make the champion before the current one champion again; record it. Raises ``LookupError`` when
     there is no earlier champion to return to."""
-    with warehouse.transaction() as connection:
+    # One decision per task at a time: the gate, an operator's promote and a rollback all read the
+    # promotion log's last sequence number and append the next.
+    with warehouse.transaction(serialise_on=f"promotion:{task}") as connection:
         stack = _champion_stack(connection, task)
         if len(stack) < 2:
             raise LookupError(f"task {task!r} has no earlier champion to roll back to")
@@ -680,7 +684,9 @@ def promote_by_operator(warehouse: Warehouse, task: str, model_version: str, rea
     reason = reason.strip()
     if not reason:
         raise ValueError("give a reason: it is recorded in the promotion log")
-    with warehouse.transaction() as connection:
+    # One decision per task at a time: the gate, an operator's promote and a rollback all read the
+    # promotion log's last sequence number and append the next.
+    with warehouse.transaction(serialise_on=f"promotion:{task}") as connection:
         record = _model_record(connection, model_version)
         if record is None or record["task"] != task:
             raise LookupError(f"no model {model_version!r} registered for task {task!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import decimal
+import hashlib
 import math
 import re
 import urllib.parse
@@ -104,6 +105,26 @@ def _column_type(series: pd.Series) -> str:
     return "text"
 
 
+# PostgreSQL type OIDs (pg_type) -> the Arrow types DuckDB exports for the same column types.
+_ARROW_TYPES: dict[int, pyarrow.DataType] = {
+    16: pyarrow.bool_(),
+    20: pyarrow.int64(),
+    21: pyarrow.int16(),
+    23: pyarrow.int32(),
+    700: pyarrow.float32(),
+    701: pyarrow.float64(),
+    1700: pyarrow.float64(),
+    25: pyarrow.string(),
+    1043: pyarrow.string(),
+    114: pyarrow.string(),  # json, read as text
+    3802: pyarrow.string(),
+    1082: pyarrow.date32(),
+    1114: pyarrow.timestamp("us"),
+    1009: pyarrow.list_(pyarrow.string()),
+    1015: pyarrow.list_(pyarrow.string()),
+}
+
+
 def _quoted(name: str) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         raise ValueError(f"not a plain SQL identifier: {name!r}")
@@ -159,7 +180,16 @@ class PostgresConnection:
         return frame
 
     def to_arrow_table(self) -> pyarrow.Table:
-        return pyarrow.Table.from_pandas(self.df(), preserve_index=False)
+        """The rows with the column types their SQL types give (as DuckDB's export would), never types
+        guessed from the values: the Parquet mirrors of one table must agree from smear to smear."""
+        cursor = self._result_cursor()
+        names = [column.name for column in cursor.description]
+        types = [_ARROW_TYPES.get(column.type_code, pyarrow.string()) for column in cursor.description]
+        rows = cursor.fetchall()
+        columns = [[row[index] for row in rows] for index in range(len(names))]
+        return pyarrow.Table.from_arrays(
+            [pyarrow.array(values, type=kind) for values, kind in zip(columns, types, strict=True)], names=names
+        )
 
     def sql(self, sql: str, params: Sequence[object] | None = None) -> PostgresConnection:
         """DuckDB's relational entry point, for the one use the project makes of it (``to_arrow_table``)."""
@@ -202,6 +232,10 @@ def _json_as_text(raw: psycopg2.extensions.connection) -> None:
     psycopg2.extras.register_default_jsonb(raw, loads=lambda text: text)
 
 
+def _database_does_not_exist(error: psycopg2.OperationalError) -> bool:
+    return getattr(error, "pgcode", None) == "3D000" or "does not exist" in str(error)
+
+
 class PostgresWarehouse(Warehouse):
     """The warehouse in a PostgreSQL database (its default schema)."""
 
@@ -209,7 +243,8 @@ class PostgresWarehouse(Warehouse):
 
     def __init__(self, location: str) -> None:
         parsed = urllib.parse.urlsplit(str(location))
-        if parsed.password:
+        query = {name.lower() for name in urllib.parse.parse_qs(parsed.query)}
+        if parsed.password or query & {"password", "passfile"}:
             raise ValueError(
                 "the warehouse URL must not hold a password (it would show in run config and the UI): "
                 "set PGPASSWORD or PGPASSFILE instead"
@@ -217,6 +252,10 @@ class PostgresWarehouse(Warehouse):
         # libpq does not know SQLAlchemy's driver suffix.
         self.dsn = urllib.parse.urlunsplit(parsed._replace(scheme="postgresql"))
         self._schema_applied = False
+
+    @property
+    def location(self) -> str:
+        return self.dsn
 
     @property
     def description(self) -> str:
@@ -237,19 +276,45 @@ class PostgresWarehouse(Warehouse):
         return PostgresConnection(raw)
 
     def exists(self) -> bool:
+        """False where the database or its schema is absent; a server that cannot be reached (down, a
+        wrong password) raises, so that it is never mistaken for "nothing imported yet"."""
         try:
             connection = self._open(read_only=True)
-        except psycopg2.OperationalError:
-            return False
+        except psycopg2.OperationalError as error:
+            if _database_does_not_exist(error):
+                return False
+            raise
         try:
             return table_exists(connection, "cells")
         finally:
             connection.close()
 
     def _apply_schema(self, connection: PostgresConnection) -> None:
+        """The schema once per version of it, not once per process: every run pod connects, and
+        re-running the DDL (alter table, create or replace view) would take exclusive locks that stall
+        imports behind long lab queries. The applied version is the schema text's SHA-256."""
+        schema = schema_sql(self.dialect)
+        version = hashlib.sha256(schema.encode()).hexdigest()
+        if table_exists(connection, "schema_versions") and connection.execute(
+            "select count(*) from schema_versions where schema_sha256 = ?", [version]
+        ).fetchall() == [(1,)]:
+            self._schema_applied = True
+            return
         connection.execute("select pg_advisory_lock(?)", [SCHEMA_LOCK_KEY])
         try:
-            connection.execute(schema_sql(self.dialect))
+            connection.execute("begin transaction")
+            try:
+                connection.execute(schema)
+                connection.execute(
+                    "create table if not exists schema_versions (schema_sha256 varchar primary key, applied_at timestamp not null)"
+                )
+                connection.execute(
+                    "insert into schema_versions values (?, now()) on conflict do nothing", [version]
+                )
+                connection.execute("commit")
+            except BaseException:
+                connection.execute("rollback")
+                raise
         finally:
             connection.execute("select pg_advisory_unlock(?)", [SCHEMA_LOCK_KEY])
         self._schema_applied = True
@@ -293,23 +358,29 @@ class PostgresWarehouse(Warehouse):
         except psycopg2.OperationalError as error:
             raise WarehouseMissing(f"the warehouse {self.description} cannot be reached: {error.args[0].strip()}") from error
         try:
-            if not table_exists(connection, "cells"):
-                raise WarehouseMissing(f"the warehouse {self.description} has no schema yet (nothing imported)")
             if locked_down:
                 # A session setting cannot keep SQL the caller did not write from writing: the SQL can
                 # change it (psycopg2 sends several statements as one). The role must be unable to, so lab
                 # SQL runs only as a role that can neither write a warehouse table nor leave the session
                 # (a superuser can also read server files): deploy/README.md, "the reader role".
                 [(superuser, writable)] = connection.execute(
-                    "select r.rolsuper, coalesce(bool_or(has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')), false) "
-                    "from pg_roles r cross join pg_class c join pg_namespace n on n.oid = c.relnamespace "
-                    "where r.rolname = current_user and n.nspname = current_schema() and c.relkind = 'r' group by r.rolsuper"
+                    "select r.rolsuper or r.rolcreaterole or r.rolbypassrls, "
+                    # a table it may change, by table or column grant
+                    "coalesce((select bool_or(has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER') "
+                    "or has_any_column_privilege(c.oid, 'INSERT, UPDATE')) from pg_class c "
+                    "join pg_namespace n on n.oid = c.relnamespace where n.nspname = current_schema() and c.relkind = 'r'), false) "
+                    # a role it could SET ROLE to (a writer, or the server-file roles), or objects it could plant
+                    "or exists (select 1 from pg_auth_members m where m.member = r.oid) "
+                    "or has_schema_privilege(current_schema(), 'CREATE') "
+                    "from pg_roles r where r.rolname = current_user"
                 ).fetchall()
                 if superuser or writable:
                     raise WarehouseRoleTooPowerful(
-                        f"refusing to run lab SQL as a role that {'is a superuser' if superuser else 'can write the warehouse'}: "
+                        f"refusing to run lab SQL as a role that {'is a superuser or may create roles or bypass row security' if superuser else 'can write the warehouse, or could become a role that can'}: "
                         "connect as a role with SELECT only"
                     )
+            if not table_exists(connection, "cells"):
+                raise WarehouseMissing(f"the warehouse {self.description} has no schema yet (nothing imported)")
             yield connection
         finally:
             connection.close()

@@ -122,6 +122,15 @@ class Warehouse:
             return super().__new__(DuckDBWarehouse)
         return super().__new__(cls)
 
+    def __getnewargs__(self) -> tuple[str]:
+        # pickle and copy call __new__ with these, which picks the subclass again.
+        return (self.location,)
+
+    @property
+    def location(self) -> str:
+        """What ``Warehouse(...)`` was given."""
+        raise NotImplementedError
+
     @property
     def description(self) -> str:
         """Where it is, safe for logs and messages (no password)."""
@@ -172,6 +181,10 @@ class DuckDBWarehouse(Warehouse):
     def __init__(self, location: str | Path) -> None:
         self.path = Path(location)
         self._schema_applied = False
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     @property
     def description(self) -> str:
@@ -281,8 +294,13 @@ def replace_rows(
 
 def table_exists(connection: Any, table: str) -> bool:
     """Whether ``table`` exists in the connection's current schema; never raises for an absent one."""
+    if dialect_of(connection) == "postgres":
+        # The catalogue, not information_schema, which hides tables the role holds no privilege on.
+        [(present,)] = connection.execute("select to_regclass(quote_ident(current_schema()) || '.' || quote_ident(?)) is not null", [table]).fetchall()
+        return bool(present)
     [present] = connection.execute(
-        "select count(*) from information_schema.tables where table_schema = current_schema() and table_name = ?",
+        "select count(*) from information_schema.tables where table_catalog = current_database() "
+        "and table_schema = current_schema() and table_name = ?",
         [table],
     ).fetchone()
     return bool(present)
