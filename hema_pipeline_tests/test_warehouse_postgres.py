@@ -156,6 +156,21 @@ def test_placeholders_are_translated_outside_quotes_only():
         "select %s where a = '?' and b like '5%%' and c = \"x?\" and d = %s"
     )
     assert _sql_with_pyformat_placeholders("select 'it''s ?', ?") == "select 'it''s ?', %s"
+    assert _sql_with_pyformat_placeholders("select ? -- why? it's 5%\n, ? /* or? */ , $$ ? $$, $f$ ? $f$") == (
+        "select %s -- why? it's 5%%\n, %s /* or? */ , $$ ? $$, $f$ ? $f$"
+    )
+
+
+def test_numeric_results_take_their_type_from_the_column_not_the_values(postgres_database):
+    warehouse = Warehouse(postgres_database)
+    warehouse.query("select 1")
+    frame = warehouse.query(
+        "select cast(18446744073709551615 as numeric(20, 0)) as hash, avg(x) as whole_mean, avg(y) as mean "
+        "from (values (1, 1), (3, 2)) as v(x, y)"
+    )
+    assert int(frame.loc[0, "hash"]) == 2**64 - 1 and frame["hash"].dtype.kind in "uiO"
+    assert isinstance(frame.loc[0, "whole_mean"], float) and frame.loc[0, "whole_mean"] == 2.0
+    assert frame.loc[0, "mean"] == 1.5
 
 
 def test_the_schema_is_one_text_with_the_postgres_edition_of_the_views_only():

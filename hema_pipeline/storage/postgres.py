@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import decimal
 import hashlib
 import math
 import re
@@ -50,14 +49,24 @@ SCHEMA_LOCK_KEY = 0x68656D61  # "hema"
 LOCKED_DOWN_STATEMENT_TIMEOUT_MS = 120_000
 
 
+# What a ``?`` inside is not a placeholder in: quoted strings and identifiers, dollar-quoted bodies,
+# and comments.
+_NOT_PLACEHOLDERS = re.compile(
+    r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$([A-Za-z_]*)\$.*?\$\2\$|--[^\n]*|/\*.*?\*/)", re.DOTALL
+)
+
+
 def _sql_with_pyformat_placeholders(sql: str) -> str:
-    """``?`` placeholders (outside quotes) become psycopg2's ``%s``; literal ``%`` is doubled."""
-    parts = re.split(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")", sql)
-    for index in range(0, len(parts), 2):
-        parts[index] = parts[index].replace("%", "%%").replace("?", "%s")
-    for index in range(1, len(parts), 2):
-        parts[index] = parts[index].replace("%", "%%")
-    return "".join(parts)
+    """``?`` placeholders (outside quotes, dollar-quoted bodies and comments) become psycopg2's ``%s``;
+    every literal ``%`` is doubled."""
+    pieces = []
+    position = 0
+    for match in _NOT_PLACEHOLDERS.finditer(sql):
+        pieces.append(sql[position : match.start()].replace("%", "%%").replace("?", "%s"))
+        pieces.append(match.group(0).replace("%", "%%"))
+        position = match.end()
+    pieces.append(sql[position:].replace("%", "%%").replace("?", "%s"))
+    return "".join(pieces)
 
 
 def _python_value(value: Any) -> Any:
@@ -104,6 +113,8 @@ def _column_type(series: pd.Series) -> str:
         return "timestamp"
     return "text"
 
+
+_NUMERIC_OID = 1700
 
 # PostgreSQL type OIDs (pg_type) -> the Arrow types DuckDB exports for the same column types.
 _ARROW_TYPES: dict[int, pyarrow.DataType] = {
@@ -171,12 +182,15 @@ class PostgresConnection:
         cursor = self._result_cursor()
         names = [column.name for column in cursor.description]
         frame = pd.DataFrame.from_records(cursor.fetchall(), columns=names)
-        for name in names:
-            column = frame[name]
-            if column.dtype == object and len(column) and column.map(lambda v: isinstance(v, decimal.Decimal)).any():
-                # numeric(20, 0) holds unsigned 64-bit hashes; other numerics are measurements.
-                whole = column.dropna().map(lambda v: v == v.to_integral_value()).all()
-                frame[name] = column.map(lambda v: None if v is None else (int(v) if whole else float(v)))
+        for column in cursor.description:
+            if column.type_code == _NUMERIC_OID:
+                # By the column's declared scale, not its values, so a query's dtype never depends on the
+                # data: numeric(20, 0) holds unsigned 64-bit hashes (Python ints), other numerics are
+                # measurements (floats; an unconstrained numeric, as avg() returns, has no scale).
+                integral = column.scale == 0
+                frame[column.name] = frame[column.name].map(
+                    lambda value, integral=integral: None if value is None else (int(value) if integral else float(value))
+                )
         return frame
 
     def to_arrow_table(self) -> pyarrow.Table:
