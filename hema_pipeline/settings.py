@@ -26,6 +26,11 @@ def inbox_url() -> str:
     return _env("HEMA_INBOX", str(hema_home() / "inbox"))
 
 
+def inbox_archive_url() -> str:
+    """Empty (the embedded default): the inbox is read-only and keeps every export."""
+    return _env("HEMA_INBOX_ARCHIVE", "")
+
+
 def lake_url() -> str:
     return _env("HEMA_LAKE", str(hema_home() / "lake"))
 

@@ -63,12 +63,13 @@ def imported_smear(
         with identifiable_zone("the import", smear_id, safe=(PseudonymConfigError,)):
             key = pseudonyms.key()
             source = inbox.inbox()
-            smear = source.find_by_smear_id(smear_id, key)
-            if smear is None:
-                raise ContainedError(f"no folder in the inbox pseudonymises to smear {smear_id}; was it removed?")
+            located = source.locate(smear_id, key)
+            if located is None:
+                raise ContainedError(f"no folder in the inbox or its archive pseudonymises to smear {smear_id}; was it removed?")
             report = import_smear(
-                source.store, smear, key, import_targets(storage, warehouse), context.run_id, ImportLimits.from_settings()
+                located.store, located.smear, key, import_targets(storage, warehouse), context.run_id, ImportLimits.from_settings()
             )
+            archive = source.archive_imported(located, smear_id)
     except (PseudonymConfigError, ContainedError) as error:
         # Both messages are safe by construction: no key, path or identifier.
         raise dg.Failure(description=str(error)) from None
@@ -83,7 +84,8 @@ def imported_smear(
     context.log.info(
         f"smear {smear_id}: {report.status}; {report.cells_imported} imported ({report.cells_updated} of them "
         f"updated), {report.cells_skipped_existing} already present, {report.cells_withdrawn} withdrawn, "
-        f"{report.cells_quarantined} cells quarantined"
+        f"{report.cells_quarantined} cells quarantined; export {archive.status.replace('_', ' ')}"
+        + (f", {archive.left_in_inbox} unmovable entries left in the inbox" if archive.left_in_inbox else "")
     )
     listed = report.quarantine_reasons[:MAX_METADATA_REASONS]
     if len(report.quarantined) > MAX_METADATA_REASONS:
@@ -101,6 +103,8 @@ def imported_smear(
             "quarantine_counts": dg.MetadataValue.json(report.quarantine_counts),
             "quarantine": dg.MetadataValue.md("\n".join(f"- {line}" for line in listed) or "nothing quarantined"),
             "class_counts": dg.MetadataValue.json(report.class_counts),
+            "export": archive.status,
+            "archive_version": archive.version,
         },
         data_version=dg.DataVersion(
             f"{report.import_run_id}" if report.cells_imported or report.cells_withdrawn or report.cells_updated else "unchanged"

@@ -20,14 +20,19 @@ from hema_pipeline.storage.warehouse import Warehouse
 
 
 class InboxResource(dg.ConfigurableResource):
-    """Where smear exports arrive: a local folder or s3://bucket/prefix. Read-only to the pipeline."""
+    """Where smear exports arrive: a local folder or s3://bucket/prefix. Read-only to the pipeline unless
+    ``archive_url`` is set: then each export moves there once imported, so that the inbox holds only what
+    is waiting (identifiable zone: same access rules as the inbox)."""
 
     url: str
     s3_endpoint_url: str = ""
     settle_seconds: float = 300.0
+    archive_url: str = ""
 
     def inbox(self) -> Inbox:
-        return Inbox(open_object_store(self.url, endpoint_url=self.s3_endpoint_url or None), self.settle_seconds)
+        endpoint = self.s3_endpoint_url or None
+        archive = open_object_store(self.archive_url, endpoint_url=endpoint, private=True) if self.archive_url else None
+        return Inbox(open_object_store(self.url, endpoint_url=endpoint), self.settle_seconds, archive)
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -96,7 +101,12 @@ def import_targets(storage: StorageResource, warehouse: WarehouseResource) -> Im
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     endpoint = settings.s3_endpoint_url()
     return {
-        "inbox": InboxResource(url=settings.inbox_url(), s3_endpoint_url=endpoint, settle_seconds=settings.inbox_settle_seconds()),
+        "inbox": InboxResource(
+            url=settings.inbox_url(),
+            s3_endpoint_url=endpoint,
+            settle_seconds=settings.inbox_settle_seconds(),
+            archive_url=settings.inbox_archive_url(),
+        ),
         "storage": StorageResource(lake_url=settings.lake_url(), quarantine_url=settings.quarantine_url(), s3_endpoint_url=endpoint),
         "warehouse": WarehouseResource(path=settings.warehouse_path()),
         "pseudonyms": PseudonymKeyResource(key_file=settings.pseudonym_key_file(), demo_mode=settings.demo_mode()),

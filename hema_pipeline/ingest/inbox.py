@@ -4,6 +4,12 @@ The inbox is read-only to the pipeline and lives in the identifiable zone with t
 folder names are accessions and files carry patient details. Nothing read here leaves without going
 through ``anonymise``.
 
+With an archive configured, every export leaves the inbox once its import has finished (whatever its
+outcome) for ``<archive>/<smear pseudonym>/<UTC time>-<fingerprint>/<original folder>/``, so that a sensor
+tick and an import cost what is waiting, not the history of the lab. The archive is in the identifiable
+zone too; it is keyed by pseudonym so that a re-run of one smear finds its export without listing or
+pseudonymising the whole archive.
+
 Listing is fault-isolated per entry: a symbolic link (never followed), an unreadable or empty folder, a
 stray file in the inbox root, a FIFO, or a name that is not valid UTF-8 never makes a scan fail. Entries
 that cannot be a smear are counted by reason in ``InboxListing.skipped`` (never named: names identify
@@ -13,6 +19,7 @@ can quarantine them.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import time
 from collections import Counter, defaultdict
@@ -26,6 +33,8 @@ from hema_pipeline.storage.object_store import (
     UNREADABLE_FOLDER,
     ObjectInfo,
     ObjectStore,
+    PrefixedStore,
+    move_folder,
 )
 
 # Why a root entry of the inbox is not a smear folder (the counts reach the sensor tick and run logs).
@@ -82,10 +91,35 @@ class InboxListing:
     skipped: dict[str, int]  # reason -> number of root entries that are not smear folders
 
 
+@dataclass(frozen=True)
+class LocatedSmear:
+    """A smear's export and the store its keys are relative to: the inbox, or its newest archived version."""
+
+    store: ObjectStore
+    smear: InboxSmear
+    archived: bool
+
+
+# What became of an export after its import (``Inbox.archive_imported``).
+ARCHIVED = "archived"
+ARCHIVE_OFF = "archive_off"  # no archive configured: the inbox keeps it (and is listed whole every tick)
+ALREADY_ARCHIVED = "already_archived"  # the import read the archived copy
+CHANGED_SINCE_IMPORT = "changed_since_import"  # left in the inbox: the next tick imports the new version
+NOT_MOVABLE = "not_movable"  # the folder itself cannot be listed: it stays, quarantined, under its old run key
+
+
+@dataclass(frozen=True)
+class ArchiveOutcome:
+    status: str
+    version: str = ""
+    left_in_inbox: int = 0  # entries that cannot be moved (links, FIFOs, unreadable folders)
+
+
 class Inbox:
-    def __init__(self, store: ObjectStore, settle_seconds: float = 300.0) -> None:
+    def __init__(self, store: ObjectStore, settle_seconds: float = 300.0, archive: ObjectStore | None = None) -> None:
         self.store = store
         self.settle_seconds = settle_seconds
+        self.archive = archive
 
     def listing(self) -> InboxListing:
         grouped: dict[str, list[ObjectInfo]] = defaultdict(list)
@@ -147,7 +181,46 @@ class Inbox:
                 merged[smear_id] = InboxSmear(members[0].folder, files, tuple(member.folder for member in members))
         return merged
 
-    def find_by_smear_id(self, smear_id: str, key: PseudonymKey) -> InboxSmear | None:
-        """Pseudonyms are one-way, so the folder of a partition is found by pseudonymising every folder
-        name; that is cheap (one HMAC each) and keeps any re-identification table out of storage."""
-        return self.by_smear_id(self.smears(), key).get(smear_id)
+    def locate(self, smear_id: str, key: PseudonymKey) -> LocatedSmear | None:
+        """The export of ``smear_id``: in the inbox if a folder there pseudonymises to it (pseudonyms are
+        one-way, so every waiting folder name is pseudonymised: one HMAC each, and no re-identification
+        table in storage), else the newest archived version, else None."""
+        smear = self.by_smear_id(self.smears(), key).get(smear_id)
+        if smear is not None:
+            return LocatedSmear(self.store, smear, archived=False)
+        if self.archive is None:
+            return None
+        versions = {info.key.split("/")[1] for info in self.archive.list(smear_id) if info.key.count("/") >= 2}
+        for version in sorted(versions, reverse=True):
+            archived = Inbox(PrefixedStore(self.archive, f"{smear_id}/{version}"), self.settle_seconds)
+            smear = archived.by_smear_id(archived.smears(), key).get(smear_id)
+            if smear is not None:
+                return LocatedSmear(archived.store, smear, archived=True)
+        return None
+
+    def archive_imported(self, located: LocatedSmear, smear_id: str, now: dt.datetime | None = None) -> ArchiveOutcome:
+        """Moves an imported export out of the inbox into the archive, unless it changed since the import
+        read it (files added, removed or rewritten): then it stays, and its new fingerprint makes the
+        sensor import it again. A move cut short (S3, or two filesystems) leaves a folder without its
+        metadata file, which a later import quarantines without touching the smear's stored cells."""
+        if located.archived:
+            return ArchiveOutcome(ALREADY_ARCHIVED)
+        if self.archive is None:
+            return ArchiveOutcome(ARCHIVE_OFF)
+        smear = located.smear
+        try:
+            current = tuple(
+                info for folder in smear.all_folders for info in self.store.list(folder) if info.problem != EMPTY_FOLDER
+            )
+        except OSError:
+            return ArchiveOutcome(NOT_MOVABLE, left_in_inbox=len(smear.all_folders))
+        if InboxSmear(smear.folder, current).fingerprint != smear.fingerprint:
+            return ArchiveOutcome(CHANGED_SINCE_IMPORT)
+        now = now or dt.datetime.now(dt.UTC)
+        version = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{smear.fingerprint}"
+        left = 0
+        for folder in smear.all_folders:
+            left += move_folder(
+                self.store, folder, self.archive, f"{smear_id}/{version}/{folder}", delete_first=f"{folder}/{METADATA_FILE_NAME}"
+            )
+        return ArchiveOutcome(ARCHIVED, version, left)

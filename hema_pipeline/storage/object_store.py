@@ -150,6 +150,20 @@ class LocalObjectStore:
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
 
+    def prune_empty_folders(self, key: str) -> None:
+        """Removes the empty folders at and below ``key``, then its parents while they are empty; never the
+        store's root, never a folder with anything left in it."""
+        folder = self._path(key)
+        for below, _, _ in os.walk(folder, topdown=False, followlinks=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(below)
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
     def local_path(self, key: str) -> Path:
         return self._path(key)
 
@@ -243,6 +257,73 @@ class S3ObjectStore:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+
+class PrefixedStore:
+    """The objects of ``store`` under ``prefix``, addressed as if they were at its root (one archived
+    export read by the code that reads the inbox)."""
+
+    def __init__(self, store: ObjectStore, prefix: str) -> None:
+        self.store = store
+        self.prefix = _clean_key(prefix)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{_clean_key(key)}"
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.store.put_bytes(self._key(key), data)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.store.get_bytes(self._key(key))
+
+    def exists(self, key: str) -> bool:
+        return self.store.exists(self._key(key))
+
+    def delete(self, key: str) -> None:
+        self.store.delete(self._key(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        strip = len(self.prefix) + 1
+        full = self._key(prefix) if prefix.strip("/") else self.prefix
+        for info in self.store.list(full):
+            if info.key == self.prefix:
+                continue
+            yield ObjectInfo(info.key[strip:], info.size, info.modified, info.problem)
+
+    def uri(self, key: str) -> str:
+        return self.store.uri(self._key(key))
+
+
+def move_folder(source: ObjectStore, folder: str, target: ObjectStore, target_folder: str, delete_first: str = "") -> int:
+    """Moves the readable files under ``folder`` to ``target_folder`` of ``target``; returns how many
+    entries could not be moved (links, FIFOs, unreadable folders: they stay where they are).
+
+    On one local filesystem the folder is renamed, which is atomic. Anywhere else (S3, two filesystems)
+    every file is copied and checked before any original is deleted, and ``delete_first`` (a key under
+    ``folder``) is deleted before the others, so that a move cut short leaves the folder without it."""
+    if isinstance(source, LocalObjectStore) and isinstance(target, LocalObjectStore):
+        destination = target.local_path(target_folder)
+        target._make_parents(destination)
+        try:
+            os.rename(source.local_path(folder), destination)
+            return 0
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+    strip = len(_clean_key(folder)) + 1
+    entries = list(source.list(folder))
+    movable = [info for info in entries if info.problem is None]
+    for info in movable:
+        target.put_bytes(f"{target_folder}/{info.key[strip:]}", source.get_bytes(info.key))
+    for info in movable:
+        if not target.exists(f"{target_folder}/{info.key[strip:]}"):
+            raise OSError(errno.EIO, "a copied file is missing from the target; nothing was deleted")
+    ordered = sorted(movable, key=lambda info: info.key != delete_first)
+    for info in ordered:
+        source.delete(info.key)
+    if isinstance(source, LocalObjectStore):
+        source.prune_empty_folders(folder)
+    return len(entries) - len(movable)
 
 
 def open_object_store(
