@@ -19,7 +19,13 @@ import dagster as dg
 
 from hema_pipeline.defs.automation import retraining_policy_from_settings, retraining_sensor, run_failure_recorder
 from hema_pipeline.defs.datasets import dataset_assets, dataset_checks
-from hema_pipeline.defs.ingest import imported_smear, import_smears_job, inbox_sensor, nightly_import_schedule
+from hema_pipeline.defs.ingest import (
+    imported_smear,
+    import_smears_job,
+    inbox_sensor,
+    nightly_import_schedule,
+    smear_partition_retention_sensor,
+)
 from hema_pipeline.defs.models import model_assets, train_models_job
 from hema_pipeline.defs.predictions import (
     predict_smears_job,
@@ -41,9 +47,9 @@ def build_definitions(location: str = "all") -> dg.Definitions:
     ingest = dg.Definitions(
         assets=[imported_smear],
         jobs=[import_smears_job],
-        sensors=[inbox_sensor],
+        sensors=[inbox_sensor, smear_partition_retention_sensor],
         schedules=[nightly_import_schedule],
-        resources={name: resources[name] for name in ("inbox", "storage", "warehouse", "pseudonyms")},
+        resources={name: resources[name] for name in ("inbox", "storage", "warehouse", "pseudonyms", "partition_retention")},
     )
     ml = dg.Definitions(
         assets=[cell_table, *dataset_assets, *model_assets, smear_flag_thresholds, smear_predictions],

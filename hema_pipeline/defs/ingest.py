@@ -2,6 +2,7 @@
 nightly sweep."""
 
 
+import datetime as dt
 import json
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from hema_pipeline.anonymise.pseudonymise import PseudonymConfigError, Pseudonym
 from hema_pipeline.defs.kubernetes import IMPORT_RUN_POD, k8s_tags
 from hema_pipeline.defs.resources import (
     InboxResource,
+    PartitionRetentionResource,
     PseudonymKeyResource,
     StorageResource,
     WarehouseResource,
@@ -20,6 +22,7 @@ from hema_pipeline.defs.resources import (
 from hema_pipeline.ingest.errors import ContainedError, identifiable_zone
 from hema_pipeline.ingest.inbox import Inbox
 from hema_pipeline.ingest.smear_import import ImportLimits, import_smear
+from hema_pipeline.monitoring.retention import settled_smears
 from hema_pipeline import settings
 
 smear_partitions = dg.DynamicPartitionsDefinition(name="smears")
@@ -252,3 +255,27 @@ def nightly_import_schedule(
     if plan.new_partitions:
         context.instance.add_dynamic_partitions(smear_partitions.name, plan.new_partitions)
     return plan.run_requests
+
+
+@dg.sensor(
+    minimum_interval_seconds=settings.partition_retention_interval_seconds(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Bounds the live smear partitions: deletes the partition of each smear whose latest import is older "
+        "than the retention period and which has a report (or nothing to predict). Its rows, runs and "
+        "materialisation events stay; it is no longer re-predicted when a champion changes, and a new "
+        "export of it adds the partition again. Setting: the `partition_retention` resource."
+    ),
+)
+def smear_partition_retention_sensor(
+    context: dg.SensorEvaluationContext, warehouse: WarehouseResource, partition_retention: PartitionRetentionResource
+) -> dg.SensorResult | dg.SkipReason:
+    if partition_retention.retention_days <= 0:
+        return dg.SkipReason("partition retention is off (retention_days = 0): every smear keeps its partition")
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=partition_retention.retention_days)
+    live = context.instance.get_dynamic_partitions(smear_partitions.name)
+    retired = settled_smears(warehouse.warehouse(), live, cutoff, partition_retention.max_retired_per_tick)
+    if not retired:
+        return dg.SkipReason(f"{len(live)} live smear partitions, none settled for {partition_retention.retention_days:g} days")
+    context.log.info(f"retiring {len(retired)} of {len(live)} live smear partitions (settled before {cutoff:%Y-%m-%d %H:%M} UTC)")
+    return dg.SensorResult(dynamic_partitions_requests=[smear_partitions.build_delete_request(retired)])

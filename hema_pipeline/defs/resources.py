@@ -94,6 +94,14 @@ class PseudonymKeyResource(dg.ConfigurableResource):
         return None
 
 
+class PartitionRetentionResource(dg.ConfigurableResource):
+    """How long a settled smear (imported, and predicted or with nothing to predict) keeps its Dagster
+    partition; 0 keeps every partition. See hema_pipeline.monitoring.retention."""
+
+    retention_days: float = 14.0
+    max_retired_per_tick: int = 5000
+
+
 def import_targets(storage: StorageResource, warehouse: WarehouseResource) -> ImportTargets:
     return ImportTargets(lake=storage.lake(), quarantine=storage.quarantine(), warehouse=warehouse.warehouse())
 
@@ -110,4 +118,5 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "storage": StorageResource(lake_url=settings.lake_url(), quarantine_url=settings.quarantine_url(), s3_endpoint_url=endpoint),
         "warehouse": WarehouseResource(path=settings.warehouse_path()),
         "pseudonyms": PseudonymKeyResource(key_file=settings.pseudonym_key_file(), demo_mode=settings.demo_mode()),
+        "partition_retention": PartitionRetentionResource(retention_days=settings.partition_retention_days()),
     }
