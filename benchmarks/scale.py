@@ -13,7 +13,9 @@ Measured, each the project's real code path:
    with the inbox and the lake on the local disk; per-smear latency median and p95.
 3. **Inbox sensor tick against inbox size**: ``defs.ingest.plan_imports`` (what ``inbox_sensor`` runs each
    tick) over an inbox of N smear folders, all already imported (so the tick finds nothing new: the cost
-   of history alone).
+   of history alone), as it is without an archive (``HEMA_INBOX_ARCHIVE`` unset).
+4. **The same history in the archive**: N smears archived (``HEMA_INBOX_ARCHIVE``), 50 new folders in the
+   inbox: the tick that requests the 50, and ``Inbox.locate`` of one archived smear (a re-run).
 
 A PostgreSQL server is started on 127.0.0.1 for the run (Debian's postgresql; fsync off, as in the
 tests: the figures are the pipeline's cost, not a durable server's). Prints a Markdown table and writes
@@ -177,6 +179,41 @@ def measure_sensor_ticks(sizes: list[int], work: Path) -> list[dict]:
     return results
 
 
+def measure_archived_history(sizes: list[int], work: Path, waiting: int = 50) -> list[dict]:
+    from hema_pipeline.defs.ingest import plan_imports
+    from hema_pipeline.ingest.inbox import Inbox
+    from hema_pipeline.storage.object_store import LocalObjectStore
+
+    results = []
+    inbox_root, archive_root = work / "archiving-inbox", work / "archive"
+    metadata = json.dumps({"accession": "x", "cells": []})
+
+    def write_export(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "smear.json").write_text(metadata)
+        (folder / "cell_001.jpg").write_bytes(b"\xff\xd8\xff\xd9")
+
+    for index in range(waiting):
+        write_export(inbox_root / f"NEW-{index:07d}")
+    made = 0
+    for size in sorted(sizes):
+        for index in range(made, size):
+            folder = f"ACC-{index:07d}"
+            write_export(archive_root / TEST_KEY.smear_id(folder) / f"20261201T000000000000Z-{index:016x}" / folder)
+        made = size
+        inbox = Inbox(LocalObjectStore(inbox_root), settle_seconds=0, archive=LocalObjectStore(archive_root))
+        started = time.perf_counter()
+        plan = plan_imports(inbox, TEST_KEY, set())
+        tick = time.perf_counter() - started
+        assert len(plan.run_requests) == waiting
+        started = time.perf_counter()
+        located = inbox.locate(TEST_KEY.smear_id(f"ACC-{size // 2:07d}"), TEST_KEY)
+        locate = time.perf_counter() - started
+        assert located is not None and located.archived
+        results.append({"archived_smears": size, "waiting_folders": waiting, "tick_seconds": tick, "locate_archived_seconds": locate})
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smears", type=int, default=200)
@@ -192,17 +229,25 @@ def main() -> int:
         print(json.dumps(figures["upserts"]), flush=True)
         figures["imports"] = measure_imports(server, args.smears, args.workers, work)
         print(json.dumps(figures["imports"]), flush=True)
-        figures["sensor_ticks"] = measure_sensor_ticks([int(size) for size in args.inbox_sizes.split(",")], work)
+        sizes = [int(size) for size in args.inbox_sizes.split(",")]
+        figures["sensor_ticks"] = measure_sensor_ticks(sizes, work)
         print(json.dumps(figures["sensor_ticks"]), flush=True)
+        figures["archived_history"] = measure_archived_history(sizes, work)
+        print(json.dumps(figures["archived_history"]), flush=True)
     args.out.write_text(json.dumps(figures, indent=2))
     upserts, imports = figures["upserts"], figures["imports"]
-    print(f"\n| figure | value |\n|---|---:|")
+    print("\n| figure | value |\n|---|---:|")
     for key, value in upserts.items():
         print(f"| upserts: {key} | {value:,.0f} |")
     print(f"| imports: smears/hour, {imports['workers']} processes | {imports['smears_per_hour']:,.0f} |")
     print(f"| imports: latency median / p95 (s) | {imports['latency_median_seconds']:.2f} / {imports['latency_p95_seconds']:.2f} |")
     for tick in figures["sensor_ticks"]:
         print(f"| inbox sensor tick, {tick['inbox_folders']:,} folders (s) | {tick['tick_seconds']:.2f} |")
+    for tick in figures["archived_history"]:
+        print(
+            f"| archive on, {tick['archived_smears']:,} archived + {tick['waiting_folders']} waiting: tick / locate one "
+            f"archived (s) | {tick['tick_seconds']:.3f} / {tick['locate_archived_seconds']:.3f} |"
+        )
     return 0
 
 

@@ -131,7 +131,6 @@ def _models(args: argparse.Namespace) -> int:
 def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehouse: storage.warehouse.Warehouse
     """A model's card, read from the lake and checked against the registry: what it is, where it came from,
     how it scored and what its referral threshold guarantees."""
-    import json
 
     from hema_pipeline import settings
     from hema_pipeline.modeling.registry import read_card

@@ -84,6 +84,11 @@ def partition_retention_interval_seconds() -> int:
     return int(_env("HEMA_PARTITION_RETENTION_INTERVAL_SECONDS", "3600"))
 
 
+def prediction_batch_smears() -> int:
+    """Most smears one prediction run takes when many are requested at once (a backfill)."""
+    return int(_env("HEMA_PREDICTION_BATCH_SMEARS", "50"))
+
+
 def import_max_runtime_seconds() -> int:
     """An import run still STARTED after this (its code server died with it) is failed by run monitoring
     and its writer slot freed; the instance-wide limit in dagster.yaml is sized for training."""

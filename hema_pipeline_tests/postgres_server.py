@@ -79,3 +79,33 @@ def create_database(server_url: str, name: str) -> str:
     finally:
         admin.close()
     return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def dagster_instance_storage(dagster_url: str) -> dict:
+    """The ``storage:`` block of a Dagster instance on this server's database ``dagster_url``, as
+    deploy/dagster-instance.yaml writes it (the password comes from PGPASSWORD there; trust here)."""
+    from urllib.parse import urlsplit
+
+    parsed = urlsplit(dagster_url)
+    return {
+        "postgres": {
+            "postgres_db": {
+                "username": parsed.username,
+                "password": "",
+                "hostname": parsed.hostname,
+                "port": parsed.port,
+                "db_name": parsed.path.lstrip("/"),
+                # A bare postgresql:// resolves to psycopg 3 under SQLAlchemy 2.1; the project ships psycopg2.
+                "scheme": "postgresql+psycopg2",
+            }
+        }
+    }
+
+
+def s3_compute_logs(bucket: str, endpoint: str) -> dict:
+    """The ``compute_logs:`` block of deploy/dagster-instance.yaml, on this test's bucket and endpoint."""
+    return {
+        "module": "dagster_aws.s3.compute_log_manager",
+        "class": "S3ComputeLogManager",
+        "config": {"bucket": bucket, "prefix": "compute-logs", "endpoint_url": endpoint, "skip_empty_files": True},
+    }

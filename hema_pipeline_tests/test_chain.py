@@ -60,10 +60,22 @@ def _decision(result: dg.ExecuteInProcessResult, task: str) -> str:
     return materialisation.metadata["decision"].value
 
 
+def _prediction_job(env) -> dg.JobDefinition:
+    return dg.Definitions(assets=defs.assets, jobs=defs.jobs, resources=env.resources()).resolve_job_def("predict_smears")
+
+
 def _predict(env, instance, partitions) -> None:
-    job = dg.Definitions(assets=defs.assets, jobs=defs.jobs, resources=env.resources()).resolve_job_def("predict_smears")
     for partition in partitions:
-        assert job.execute_in_process(instance=instance, partition_key=partition).success
+        assert _prediction_job(env).execute_in_process(instance=instance, partition_key=partition).success
+
+
+def _predict_batch(env, instance, first: str, last: str) -> dg.ExecuteInProcessResult:
+    """One run over a range of smear partitions, as a backfill under the asset's BackfillPolicy launches it."""
+    return _prediction_job(env).execute_in_process(
+        instance=instance,
+        tags={"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
+        raise_on_error=False,
+    )
 
 
 @pytest.fixture
@@ -124,9 +136,15 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     evaluations = warehouse.query("select * from model_evaluations where model_version = ?", [champion])
     assert len(evaluations) == 8
 
-    # Predictions for every smear with the champion, and a report each.
-    partitions = sorted(instance.get_dynamic_partitions(smear_partitions.name))
-    _predict(env, instance, partitions)
+    # Predictions for every smear with the champion, and a report each: the first smear in a run of its
+    # own, the other nine in one batched run (the champions loaded once), as a backfill would.
+    partitions = list(instance.get_dynamic_partitions(smear_partitions.name))
+    _predict(env, instance, partitions[:1])
+    batch = _predict_batch(env, instance, partitions[1], partitions[-1])
+    assert batch.success
+    batched = [m for m in batch.asset_materializations_for_node("smear_predictions") if m.asset_key.path == ["smear_predictions"]]
+    assert sorted(materialisation.partition for materialisation in batched) == sorted(partitions[1:])
+    assert batched[0].metadata["smears"].value == len(partitions) - 1
     predictions = warehouse.query("select * from predictions where task = 'pbc8'")
     cells = warehouse.query("select count(*) as n from cells").n[0]
     assert len(predictions) == cells
@@ -178,6 +196,23 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     counts = dict(zip(again["model_version"], again["n"]))
     first_smear_cells = int((predictions["smear_id"] == partitions[0]).sum())
     assert counts == {champion: cells, first_champion: first_smear_cells}
+
+    # In a batch, one smear that cannot be predicted (an image gone from the lake) does not stop the
+    # others: theirs are saved, and the run fails naming the smear by pseudonym only.
+    broken = warehouse.query("select image_key from cells where smear_id = ? order by cell_id limit 1", [partitions[1]])
+    shared = warehouse.query("select count(*) as n from cells where image_key = ?", [broken.image_key[0]]).n[0]
+    assert shared == 1, "the synthetic images are unique, so only this smear loses a cell"
+    (env.lake / broken.image_key[0]).unlink()
+    failed = _predict_batch(env, instance, partitions[1], partitions[2])
+    assert not failed.success
+    [failure] = [event for event in failed.all_events if event.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert f"1 of 2 smear(s) could not be predicted (1 predicted and saved): {partitions[1]} " in message
+    assert str(env.lake) not in message
+    rolled_back = warehouse.query(
+        "select smear_id, count(*) as n from predictions where model_version = ? group by 1", [first_champion]
+    )
+    assert set(rolled_back["smear_id"]) == {partitions[0], partitions[2]}
 
     # `hema classify` on a folder with one corrupt file: a CSV row per readable image, exit code 1.
     from hema_pipeline.cli import main

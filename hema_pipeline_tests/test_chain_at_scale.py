@@ -19,7 +19,7 @@ from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
 from hema_pipeline.storage.object_store import open_object_store
 from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline.taxonomy import CELL_CLASSES
-from hema_pipeline_tests.postgres_server import create_database
+from hema_pipeline_tests.postgres_server import create_database, dagster_instance_storage, s3_compute_logs
 from hema_pipeline_tests.support import TEST_KEY
 
 pytestmark = pytest.mark.slow
@@ -33,29 +33,7 @@ def _database(server: str) -> str:
 
 def _instance_config(dagster_url: str, bucket: str, endpoint: str) -> dict:
     """What deploy/ gives the instance, with this test's server and bucket (deploy/dagster-instance.yaml)."""
-    from urllib.parse import urlsplit
-
-    parsed = urlsplit(dagster_url)
-    return {
-        "storage": {
-            "postgres": {
-                "postgres_db": {
-                    "username": parsed.username,
-                    "password": "",
-                    "hostname": parsed.hostname,
-                    "port": parsed.port,
-                    "db_name": parsed.path.lstrip("/"),
-                    # A bare postgresql:// resolves to psycopg 3 under SQLAlchemy 2.1; the project ships psycopg2.
-                    "scheme": "postgresql+psycopg2",
-                }
-            }
-        },
-        "compute_logs": {
-            "module": "dagster_aws.s3.compute_log_manager",
-            "class": "S3ComputeLogManager",
-            "config": {"bucket": bucket, "prefix": "compute-logs", "endpoint_url": endpoint, "skip_empty_files": True},
-        },
-    }
+    return {"storage": dagster_instance_storage(dagster_url), "compute_logs": s3_compute_logs(bucket, endpoint)}
 
 
 def test_the_chain_on_postgres_and_s3(pipeline_env, postgres_server, s3_endpoint, monkeypatch):

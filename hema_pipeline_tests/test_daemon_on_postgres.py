@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import dagster as dg
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
 from hema_pipeline.storage.warehouse import Warehouse
-from hema_pipeline_tests.postgres_server import create_database
+from hema_pipeline_tests.postgres_server import create_database, dagster_instance_storage
 from hema_pipeline_tests.support import TEST_KEY
 from hema_pipeline_tests.test_ui import REPO, RUN_TIMEOUT_S, _wait_until, dagster_dev_environment, running_dagster_dev
 
@@ -44,20 +43,8 @@ def test_a_burst_of_imports_through_the_daemon_on_postgres_holds_every_limit(tmp
     dagster_home.mkdir(parents=True)
     dagster_url = create_database(postgres_server, f"dagster_{uuid.uuid4().hex[:8]}")
     warehouse_url = create_database(postgres_server, f"hema_{uuid.uuid4().hex[:8]}")
-    parsed = urlsplit(dagster_url)
     instance_config = yaml.safe_load((REPO / "dagster.yaml").read_text())
-    instance_config["storage"] = {
-        "postgres": {
-            "postgres_db": {
-                "username": parsed.username,
-                "password": "",
-                "hostname": parsed.hostname,
-                "port": parsed.port,
-                "db_name": parsed.path.lstrip("/"),
-                "scheme": "postgresql+psycopg2",
-            }
-        }
-    }
+    instance_config["storage"] = dagster_instance_storage(dagster_url)
     instance_config["concurrency"]["runs"]["max_concurrent_runs"] = MAX_CONCURRENT_RUNS
     (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(instance_config))
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:

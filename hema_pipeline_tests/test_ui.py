@@ -105,10 +105,11 @@ def _partition_tag(run: dict) -> str | None:
     return next((tag["value"] for tag in run["tags"] if tag["key"] == "dagster/partition"), None)
 
 
-def _train_a_champion_before_start(home: Path, dagster_home: Path) -> None:
+def train_a_champion_before_start(home: Path, dagster_home: Path, storage_resources: dict | None = None) -> None:
     """What a lab has before the night shift: smears imported from an earlier export, a pbc8 champion
     (one short epoch) and those smears predicted, all in this process on the same instance and warehouse,
-    so that the daemon has a model to predict new smears with."""
+    so that the daemon has a model to predict new smears with. ``storage_resources`` replaces the
+    embedded ``storage`` and ``warehouse`` (a PostgreSQL warehouse, an S3 lake)."""
     import dagster as dg
 
     from hema_pipeline.defs.definitions import defs
@@ -123,6 +124,7 @@ def _train_a_champion_before_start(home: Path, dagster_home: Path) -> None:
         "storage": StorageResource(lake_url=str(home / "lake"), quarantine_url=str(home / "quarantine")),
         "warehouse": WarehouseResource(path=str(home / "warehouse.duckdb")),
         "pseudonyms": PseudonymKeyResource(),
+        **(storage_resources or {}),
     }
     configured = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, resources=resources)
     smear_ids = [TEST_KEY.smear_id(smear.folder.name) for smear in earlier.smears]
@@ -241,7 +243,7 @@ def dagster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True)
     shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
-    _train_a_champion_before_start(home, dagster_home)
+    train_a_champion_before_start(home, dagster_home)
     cells_per_smear = 12
     export = generate_export(home / "inbox", SyntheticExportSpec(smears=2, cells_per_smear=cells_per_smear, seed=91))
     smear_ids = sorted(TEST_KEY.smear_id(smear.folder.name) for smear in export.smears)

@@ -129,6 +129,9 @@ def _champion_classifiers(storage: StorageResource, warehouse: WarehouseResource
     ins={"flag_thresholds": dg.AssetIn(key=smear_flag_thresholds.key)},
     partitions_def=smear_partitions,
     pool=DUCKDB_WRITER_POOL,
+    # Many smears at once (a new champion, a burst of imports) are one backfill, run in batches: each run
+    # loads the champions once and predicts up to HEMA_PREDICTION_BATCH_SMEARS smears.
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.prediction_batch_smears()),
 )
 def smear_predictions(
     context: dg.AssetExecutionContext, flag_thresholds: dict, storage: StorageResource, warehouse: WarehouseResource
@@ -138,42 +141,73 @@ def smear_predictions(
     from hema_pipeline.inference.routing import thesis_routes
     from hema_pipeline.inference.smear import infer_smear, load_smear_cells, save_smear_inference
 
-    smear_id = context.partition_key
+    smear_ids = list(context.partition_keys)
     classifiers = _champion_classifiers(storage, warehouse)
     routes = tuple(
         route for route in thesis_routes(PRIMARY_TASK, NEUTROPHIL_DYSPLASIA_TASK, LYMPHOCYTE_MALIGNANCY_TASK)
         if route.to_task in classifiers
     )
-    flag_settings = FlagSettings(**flag_thresholds)
-    store = warehouse.warehouse()
-    with store.connect(read_only=True) as connection:
-        cells = load_smear_cells(connection, smear_id)
-    if cells.empty:
-        raise dg.Failure(f"smear {smear_id} has no imported cells (quarantined whole?); nothing to predict")
-    inference = infer_smear(
-        smear_id, cells, storage.lake(), classifiers, PRIMARY_TASK, routes, settings=ReportSettings(flags=flag_settings)
-    )
-    save_smear_inference(store, inference, prediction_run_id=context.run_id or uuid.uuid4().hex)
-    predictions, report = inference.predictions, inference.report
-    referred = int((~predictions["accepted"]).sum())
+    report_settings = ReportSettings(flags=FlagSettings(**flag_thresholds))
+    store, lake = warehouse.warehouse(), storage.lake()
+    run_id = context.run_id or uuid.uuid4().hex
+    predicted: dict[str, dict] = {}
+    without_cells: list[str] = []
+    failed: dict[str, str] = {}
+    for number, smear_id in enumerate(smear_ids, start=1):
+        # One smear's failure (an image missing from the lake, say) never stops the others in its batch:
+        # their rows are saved, and the run fails at the end naming the smears that need a look.
+        try:
+            with store.connect(read_only=True) as connection:
+                cells = load_smear_cells(connection, smear_id)
+            if cells.empty:
+                without_cells.append(smear_id)
+                context.log.warning(f"smear {smear_id} has no imported cells (quarantined whole?): nothing to predict")
+                continue
+            inference = infer_smear(smear_id, cells, lake, classifiers, PRIMARY_TASK, routes, settings=report_settings)
+            save_smear_inference(store, inference, prediction_run_id=run_id)
+        except Exception as error:  # noqa: BLE001 - isolated per smear, reported below
+            failed[smear_id] = f"{type(error).__name__}: {str(error)[:300]}"
+            context.log.error(f"smear {smear_id} ({number}/{len(smear_ids)}): prediction failed: {failed[smear_id]}")
+            continue
+        report = inference.report
+        predicted[smear_id] = {
+            "cells": int(cells.shape[0]),
+            "referred": int((~inference.predictions["accepted"]).sum()),
+            "flags": [flag.code for flag in report.flags],
+            "report_version": report.report_version,
+        }
+        if len(smear_ids) > 1:
+            context.log.info(f"smear {smear_id} ({number}/{len(smear_ids)}): {predicted[smear_id]['cells']} cells predicted")
+    if failed:
+        raise dg.Failure(
+            description=(
+                f"{len(failed)} of {len(smear_ids)} smear(s) could not be predicted "
+                f"({len(predicted)} predicted and saved): " + "; ".join(f"{smear} {reason}" for smear, reason in failed.items())
+            ),
+            metadata={"failed_smears": dg.MetadataValue.json(failed)},
+        )
     yield dg.MaterializeResult(
         asset_key="smear_predictions",
         metadata={
-            "cells": int(cells.shape[0]),
-            "predictions": len(predictions),
-            "referred": referred,
-            "model_versions": dg.MetadataValue.json(report.model_versions),
+            "smears": len(smear_ids),
+            "cells": sum(item["cells"] for item in predicted.values()),
+            "referred": sum(item["referred"] for item in predicted.values()),
+            "smears_without_cells": dg.MetadataValue.json(without_cells),
+            "model_versions": dg.MetadataValue.json({task: classifier.card.model_version for task, classifier in classifiers.items()}),
         },
     )
-    yield dg.MaterializeResult(
-        asset_key="smear_report",
-        metadata={
-            "report_version": report.report_version,
-            "flags": dg.MetadataValue.json([flag.to_dict() for flag in report.flags]),
-            "referred_cells": report.referred_cells,
-            "report": dg.MetadataValue.md(report.markdown()),
-        },
-    )
+    report_metadata: dict = {"smears": dg.MetadataValue.json(predicted)}
+    if len(smear_ids) == 1 and predicted:
+        # One smear: its whole report in the UI, as the lab reads it.
+        report_metadata.update(
+            {
+                "report_version": report.report_version,
+                "flags": dg.MetadataValue.json([flag.to_dict() for flag in report.flags]),
+                "referred_cells": report.referred_cells,
+                "report": dg.MetadataValue.md(report.markdown()),
+            }
+        )
+    yield dg.MaterializeResult(asset_key="smear_report", metadata=report_metadata)
 
 
 prediction_automation_sensor = dg.AutomationConditionSensorDefinition(
