@@ -42,6 +42,7 @@ import boto3  # noqa: E402
 import dagster as dg  # noqa: E402
 import yaml  # noqa: E402
 
+from hema_pipeline.defs.handles import HandleIOManager  # noqa: E402
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL  # noqa: E402
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource  # noqa: E402
 from hema_pipeline.export.format import METADATA_FILE_NAME  # noqa: E402
@@ -147,6 +148,7 @@ def main() -> int:
             {
                 "storage": StorageResource(lake_url=urls["lake"], quarantine_url=urls["quarantine"], s3_endpoint_url=endpoint),
                 "warehouse": WarehouseResource(path=warehouse_url),
+                "io_manager": HandleIOManager(lake_url=urls["lake"], s3_endpoint_url=endpoint),
             },
         )
         figures["champion_seconds"] = time.perf_counter() - started

@@ -26,6 +26,7 @@ class PipelineEnv:
     dagster_home: Path
 
     def resources(self) -> dict[str, object]:
+        from hema_pipeline.defs.handles import HandleIOManager
         from hema_pipeline.defs.resources import (
             InboxResource,
             PseudonymKeyResource,
@@ -38,6 +39,7 @@ class PipelineEnv:
             "storage": StorageResource(lake_url=str(self.lake), quarantine_url=str(self.quarantine)),
             "warehouse": WarehouseResource(path=str(self.warehouse)),
             "pseudonyms": PseudonymKeyResource(),
+            "io_manager": HandleIOManager(lake_url=str(self.lake)),
         }
 
 

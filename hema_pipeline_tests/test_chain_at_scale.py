@@ -13,6 +13,7 @@ import psycopg2
 import pytest
 
 from hema_pipeline.defs.definitions import defs
+from hema_pipeline.defs.handles import HandleIOManager
 from hema_pipeline.defs.ingest import imported_smear, smear_partitions
 from hema_pipeline.defs.resources import InboxResource, StorageResource, WarehouseResource
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
@@ -56,6 +57,7 @@ def test_the_chain_on_postgres_and_s3(pipeline_env, postgres_server, s3_endpoint
         "inbox": InboxResource(url=f"s3://{bucket}/inbox", s3_endpoint_url=s3_endpoint, settle_seconds=0),
         "storage": StorageResource(lake_url=f"s3://{bucket}/lake", quarantine_url=f"s3://{bucket}/quarantine", s3_endpoint_url=s3_endpoint),
         "warehouse": WarehouseResource(path=warehouse_url),
+        "io_manager": HandleIOManager(lake_url=f"s3://{bucket}/lake", s3_endpoint_url=s3_endpoint),
     }
 
     with dg.instance_for_test(overrides=_instance_config(dagster_url, bucket, s3_endpoint)) as instance:

@@ -109,10 +109,11 @@ def train_a_champion_before_start(home: Path, dagster_home: Path, storage_resour
     """What a lab has before the night shift: smears imported from an earlier export, a pbc8 champion
     (one short epoch) and those smears predicted, all in this process on the same instance and warehouse,
     so that the daemon has a model to predict new smears with. ``storage_resources`` replaces the
-    embedded ``storage`` and ``warehouse`` (a PostgreSQL warehouse, an S3 lake)."""
+    embedded ``storage``, ``warehouse`` and ``io_manager`` (a PostgreSQL warehouse, an S3 lake)."""
     import dagster as dg
 
     from hema_pipeline.defs.definitions import defs
+    from hema_pipeline.defs.handles import HandleIOManager
     from hema_pipeline.defs.resources import InboxResource, PseudonymKeyResource, StorageResource, WarehouseResource
 
     earlier = generate_export(
@@ -124,6 +125,7 @@ def train_a_champion_before_start(home: Path, dagster_home: Path, storage_resour
         "storage": StorageResource(lake_url=str(home / "lake"), quarantine_url=str(home / "quarantine")),
         "warehouse": WarehouseResource(path=str(home / "warehouse.duckdb")),
         "pseudonyms": PseudonymKeyResource(),
+        "io_manager": HandleIOManager(lake_url=str(home / "lake")),
         **(storage_resources or {}),
     }
     configured = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, resources=resources)

@@ -58,7 +58,7 @@ def build_definitions(location: str = "all") -> dg.Definitions:
         # The failure recorder watches every location's runs (monitor_all_code_locations) from here.
         sensors=[prediction_automation_sensor, retraining_sensor, run_failure_recorder],
         resources={
-            **{name: resources[name] for name in ("storage", "warehouse")},
+            **{name: resources[name] for name in ("storage", "warehouse", "io_manager")},
             "retraining_policy": retraining_policy_from_settings(),
         },
     )

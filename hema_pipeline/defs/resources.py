@@ -106,9 +106,12 @@ def import_targets(storage: StorageResource, warehouse: WarehouseResource) -> Im
     return ImportTargets(lake=storage.lake(), quarantine=storage.quarantine(), warehouse=warehouse.warehouse())
 
 
-def default_resources() -> dict[str, dg.ConfigurableResource]:
+def default_resources() -> dict[str, dg.ConfigurableResource | dg.ConfigurableIOManager]:
+    from hema_pipeline.defs.handles import HandleIOManager
+
     endpoint = settings.s3_endpoint_url()
     return {
+        "io_manager": HandleIOManager(lake_url=settings.lake_url(), s3_endpoint_url=endpoint),
         "inbox": InboxResource(
             url=settings.inbox_url(),
             s3_endpoint_url=endpoint,
