@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(HEMA_HOME)/dagster_home
 export GX_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo demo-pbc test ui benchmarks clean lock
+.PHONY: demo demo-pbc test lint format check ui benchmarks clean lock
 
 $(BIN)/hema: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ demo-pbc: $(BIN)/hema
 
 test: $(BIN)/hema
 	$(BIN)/python -m pytest -q
+
+# The gates: lint, formatting and types (seconds). .ci/run runs them before the tests.
+lint: $(BIN)/hema
+	$(BIN)/ruff check hema_pipeline hema_pipeline_tests benchmarks
+	$(BIN)/ruff format --check hema_pipeline hema_pipeline_tests benchmarks
+	$(BIN)/mypy
+
+format: $(BIN)/hema
+	$(BIN)/ruff check --fix hema_pipeline hema_pipeline_tests benchmarks
+	$(BIN)/ruff format hema_pipeline hema_pipeline_tests benchmarks
+
+# The fast loop while working: the gates and every test not marked slow (nothing that trains a network
+# or starts a server).
+check: lint
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 ui: $(BIN)/hema
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
-
 from crop_and_views_ablation import random_split
+
 from hema_pipeline.settings import shared_data_dir
 
 
@@ -52,7 +52,7 @@ def recalibrate_batch_norm(model: keras.Model, batches: tf.data.Dataset, steps: 
                 layer.momentum = (used - 1) / used
             model(images, training=True)  # eager: a traced call would freeze the first momentum
     finally:
-        for layer, momentum in zip(layers, momenta):
+        for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
     return used
 

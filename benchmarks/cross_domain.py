@@ -41,7 +41,7 @@ def score(classified: pd.DataFrame, crops: Path) -> dict:
     reasons = classified["referral_reason"].fillna("").astype(str)
     cells = len(classified)
     per_class = []
-    for name, rows in classified.groupby(truth):
+    for name, _ in classified.groupby(truth):
         mask = truth == name
         per_class.append(
             {

@@ -191,7 +191,7 @@ def main() -> int:
             print(json.dumps(figures["trickle"]), flush=True)
 
             imports_before = len(dagster.runs("import_smears"))
-            for smear_id, path in burst:
+            for _, path in burst:
                 _upload(inbox, path)
             burst_uploaded = _utc_now()
             uploaded = {smear_id: burst_uploaded for smear_id, _ in burst}

@@ -218,9 +218,9 @@ def run_predict_job(defs, instance, partition: str) -> tuple[float, float | None
 def inbox_to_duckdb(args, home: Path, defs, instance, warehouse) -> dict:
     import dagster as dg
 
+    from hema_pipeline import settings
     from hema_pipeline.defs.ingest import inbox_sensor, smear_partitions
     from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
-    from hema_pipeline import settings
 
     sensor_resources = {name: defs.resources[name] for name in ("inbox", "pseudonyms", "warehouse")}
     # The sensor as it stands after having seen the existing inbox (its stored cursor).
@@ -317,6 +317,7 @@ def main() -> int:
         figures["setup"] = import_and_train(args)
 
         import dagster as dg
+        import pandas as pd
         import tensorflow as tf
 
         from hema_pipeline import settings
@@ -328,8 +329,6 @@ def main() -> int:
         from hema_pipeline.modeling.registry import current_champion, load_model
         from hema_pipeline.storage.object_store import open_object_store
         from hema_pipeline.storage.warehouse import Warehouse
-
-        import pandas as pd
 
         figures["machine"]["tensorflow"] = tf.__version__
         instance = dg.DagsterInstance.get()

@@ -33,6 +33,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     """Lab SQL on a locked-down, read-only connection: no files, extensions or settings changes, and a
     missing warehouse is an error (never created)."""
+    import pandas as pd
+
     from hema_pipeline import settings
     from hema_pipeline.storage.warehouse import (
         WAREHOUSE_ERRORS,
@@ -41,8 +43,6 @@ def _query(args: argparse.Namespace) -> int:
         WarehouseMissing,
         WarehouseRoleTooPowerful,
     )
-
-    import pandas as pd
 
     warehouse = Warehouse(args.warehouse or settings.warehouse_path())
     try:
@@ -85,6 +85,7 @@ def _models(args: argparse.Namespace) -> int:
     from hema_pipeline import settings
     from hema_pipeline.storage.warehouse import WAREHOUSE_ERRORS, Warehouse, WarehouseBusy, WarehouseMissing
 
+    busy_or_database_errors: tuple[type[Exception], ...] = (WarehouseBusy, *WAREHOUSE_ERRORS)
     warehouse = Warehouse(args.warehouse or settings.warehouse_path())
     if not warehouse.exists():
         print(f"hema models: no warehouse at {warehouse.description} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
@@ -123,7 +124,7 @@ def _models(args: argparse.Namespace) -> int:
     except WarehouseMissing as error:
         print(f"hema models: {error}", file=sys.stderr)
         return 2
-    except (WarehouseBusy, *WAREHOUSE_ERRORS) as error:
+    except busy_or_database_errors as error:
         print(f"hema models: {error}", file=sys.stderr)
         return 1
 

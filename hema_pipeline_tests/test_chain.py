@@ -182,7 +182,7 @@ def test_train_register_promote_predict_report(chain, tmp_path):
         "select cell_class, cells from differential_per_smear where smear_id = ? and task = 'pbc8' and cells > 0",
         [smear],
     )
-    assert dict(zip(view["cell_class"], view["cells"])) == by_hand
+    assert dict(zip(view["cell_class"], view["cells"], strict=True)) == by_hand
 
     # Re-running predictions adds no rows; a new champion adds its own and keeps the old ones.
     _predict(env, instance, partitions[:2])
@@ -193,7 +193,7 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     assert current_champion(warehouse, "pbc8") == first_champion
     _predict(env, instance, partitions[:1])
     again = warehouse.query("select model_version, count(*) as n from predictions where task = 'pbc8' group by 1")
-    counts = dict(zip(again["model_version"], again["n"]))
+    counts = dict(zip(again["model_version"], again["n"], strict=True))
     first_smear_cells = int((predictions["smear_id"] == partitions[0]).sum())
     assert counts == {champion: cells, first_champion: first_smear_cells}
 

@@ -103,7 +103,7 @@ def test_the_chain_on_postgres_and_s3(pipeline_env, postgres_server, s3_endpoint
     view = warehouse.query(
         "select cell_class, cells from differential_per_smear where smear_id = ? and task = ? and cells > 0", [smear, TASK]
     )
-    assert dict(zip(view["cell_class"], view["cells"])) == accepted["predicted_class"].value_counts().to_dict()
+    assert dict(zip(view["cell_class"], view["cells"], strict=True)) == accepted["predicted_class"].value_counts().to_dict()
     lake = open_object_store(f"s3://{bucket}/lake", endpoint_url=s3_endpoint)
     assert any(info.key.endswith("model.keras") for info in lake.list("models"))
 

@@ -111,10 +111,10 @@ def test_training_steps_run_the_gpu_image_named_in_the_settings(monkeypatch):
 
 
 def test_the_instance_configuration_constructs_with_a_k8s_run_launcher(postgres_database, tmp_path, monkeypatch, s3_endpoint):
-    import dagster as dg
     from urllib.parse import urlsplit
 
     import boto3
+    import dagster as dg
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="hema-compute-logs")
     parsed = urlsplit(postgres_database)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import hema_pipeline
 from PIL import ExifTags, Image
 from sklearn.neighbors import NearestCentroid
 
+import hema_pipeline
 from hema_pipeline.anonymise.images import clean_cell_image
 from hema_pipeline.export.format import METADATA_FILE_NAME, parse_smear_metadata
 from hema_pipeline.export.synthetic import (

@@ -344,7 +344,7 @@ def test_bad_inbox_entries_never_stop_the_sensor_or_the_other_smears(pipeline_en
         )
         assert result.success
     statuses = _rows(pipeline_env, "select smear_id, status from import_runs")
-    by_smear = dict(zip(statuses.smear_id, statuses.status))
+    by_smear = dict(zip(statuses.smear_id, statuses.status, strict=True))
     assert by_smear[TEST_KEY.smear_id(export.smears[0].folder.name)] == "imported"
     assert by_smear[TEST_KEY.smear_id(export.smears[2].folder.name)] == "partially_quarantined"
     assert "quarantined" in by_smear.values()

@@ -7,8 +7,8 @@ import io
 import pandas as pd
 from PIL import Image
 
-from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
+from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline_tests.conftest import pipeline_env_on_both_warehouses
 from hema_pipeline_tests.support import TEST_KEY, import_metadata, materialise_inbox, materialise_smear
 

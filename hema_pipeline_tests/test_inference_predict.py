@@ -4,7 +4,6 @@ failures, agreement with the training pipeline's preprocessing, and two-stage ro
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import math
 

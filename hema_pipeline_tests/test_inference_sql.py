@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 
 from hema_pipeline.inference.cards import PlainModelCard
+from hema_pipeline.inference.differential import FlagSettings
 from hema_pipeline.inference.records import (
     load_analyser_classes,
     load_smear_predictions,
@@ -21,7 +22,6 @@ from hema_pipeline.inference.records import (
     write_predictions,
     write_smear_report,
 )
-from hema_pipeline.inference.differential import FlagSettings
 from hema_pipeline.inference.report import ReportSettings, build_smear_report
 from hema_pipeline.inference.routing import Route
 from hema_pipeline.storage.warehouse import Warehouse, dialect_of

@@ -23,8 +23,8 @@ from hema_pipeline.modeling.calibration import (
     evaluate_referral,
     fit_ood_threshold,
     fit_referral_policy,
-    referral_threshold_candidates,
     fit_temperature,
+    referral_threshold_candidates,
     softmax,
     triage_cells,
 )

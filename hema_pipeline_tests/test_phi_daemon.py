@@ -86,7 +86,7 @@ def test_daemon_imports_a_hostile_inbox_and_nothing_identifying_reaches_dagster(
 
     assert len(runs) == 4
     statuses = Warehouse(home / "warehouse.duckdb").query("select status, count(*) as n from import_runs group by 1 order by 1")
-    assert dict(zip(statuses["status"], statuses["n"])) == {"partially_quarantined": 2, "quarantined": 2}
+    assert dict(zip(statuses["status"], statuses["n"], strict=True)) == {"partially_quarantined": 2, "quarantined": 2}
     codes = set(Warehouse(home / "warehouse.duckdb").query("select distinct reason_code from quarantine")["reason_code"])
     assert codes >= {
         "corrupt_image",

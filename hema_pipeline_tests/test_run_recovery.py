@@ -191,7 +191,7 @@ def _wait_for_recovery(instance, scene: Scene, killed_run_id: str) -> dict[str, 
     duplicates = warehouse.query("select cell_uid, count(*) as n from cells group by 1 having count(*) > 1")
     assert duplicates.empty, f"duplicate cells after the kill and the retry:\n{duplicates}"
     counts = warehouse.query("select smear_id, count(*) as n from cells group by smear_id")
-    assert dict(zip(counts["smear_id"], counts["n"])) == {scene.killed_smear: KILLED_SMEAR_CELLS, scene.next_smear: NEXT_SMEAR_CELLS}
+    assert dict(zip(counts["smear_id"], counts["n"], strict=True)) == {scene.killed_smear: KILLED_SMEAR_CELLS, scene.next_smear: NEXT_SMEAR_CELLS}
     [smears] = warehouse.query("select count(*) as n from smears where smear_id in (?, ?)", [scene.killed_smear, scene.next_smear])["n"]
     assert smears == 2
     return timings

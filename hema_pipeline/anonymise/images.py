@@ -479,7 +479,7 @@ def _check_scans(parsed: _Parsed) -> None:
                 else:
                     shortest(1, scan.components[0][2])
                     bits_per_mcu = 0  # an end-of-band run covers up to 32,767 blocks with a few bits
-            for data, count in zip(scan.intervals, mcus):
+            for data, count in zip(scan.intervals, mcus, strict=False):
                 if 8 * len(data) < count * bits_per_mcu:
                     raise _premature()
                 if exact and len(data) > -(-count * bits_per_mcu // 8):
@@ -539,8 +539,8 @@ def _serialise(parsed: _Parsed, scan_ends: list[_ScanEnd] | None = None) -> byte
     out = bytearray(b"\xff\xd8")
     if parsed.jfif is not None:
         minor, units, x_density, y_density = parsed.jfif
-        payload = b"JFIF\x00" + bytes((1, minor, units)) + x_density.to_bytes(2, "big") + y_density.to_bytes(2, "big")
-        out += _segment(APP0, payload + b"\x00\x00")
+        jfif = b"JFIF\x00" + bytes((1, minor, units)) + x_density.to_bytes(2, "big") + y_density.to_bytes(2, "big")
+        out += _segment(APP0, jfif + b"\x00\x00")
     if parsed.adobe_transform is not None:
         out += _segment(APP14, b"Adobe" + (100).to_bytes(2, "big") + b"\x00\x00\x00\x00" + bytes((parsed.adobe_transform,)))
     for marker, value in parsed.segments:

@@ -28,9 +28,9 @@ from hema_pipeline.datasets.splits import SPLIT_COLUMN, PatientSplit, SplitFract
 from hema_pipeline.datasets.tasks import (
     DEFAULT_MIN_CELLS_PER_CLASS,
     DEFAULT_MIN_PATIENTS_PER_CLASS,
+    PATIENT_COLUMN,
     TASK_LABEL_COLUMN,
     TASK_LABEL_INDEX_COLUMN,
-    PATIENT_COLUMN,
     TaskCoverage,
     TaskDataError,
     get_task,

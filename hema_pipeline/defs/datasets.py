@@ -3,7 +3,6 @@ blocking checks that no patient and no near-duplicate image straddles two splits
 
 # No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
 from dataclasses import dataclass
-from typing import Optional
 
 import dagster as dg
 import pandas as pd
@@ -51,7 +50,7 @@ class DatasetBuildConfig(dg.Config):
     seed: int = 0
     # None: the task's own (`Task.image_size`: 128 px for the typing tasks, whose pretrained network was
     # measured there; 96 px for the from-scratch specialists). Part of the dataset version.
-    image_size: Optional[int] = None
+    image_size: int | None = None
     # Centred share of each image's shortest side the networks see (CellaVision centres the cell): at 0.75
     # the cell is seen at the resolution of a 4/3 larger whole image, for the compute of image_size.
     crop_fraction: float = 0.75

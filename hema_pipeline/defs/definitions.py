@@ -20,8 +20,8 @@ import dagster as dg
 from hema_pipeline.defs.automation import retraining_policy_from_settings, retraining_sensor, run_failure_recorder
 from hema_pipeline.defs.datasets import dataset_assets, dataset_checks
 from hema_pipeline.defs.ingest import (
-    imported_smear,
     import_smears_job,
+    imported_smear,
     inbox_sensor,
     nightly_import_schedule,
     smear_partition_retention_sensor,

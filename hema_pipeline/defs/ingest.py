@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
+from hema_pipeline import settings
 from hema_pipeline.anonymise.pseudonymise import PseudonymConfigError, PseudonymKey
 from hema_pipeline.defs.kubernetes import IMPORT_RUN_POD, k8s_tags
 from hema_pipeline.defs.resources import (
@@ -23,9 +24,9 @@ from hema_pipeline.ingest.errors import ContainedError, identifiable_zone
 from hema_pipeline.ingest.inbox import Inbox
 from hema_pipeline.ingest.smear_import import ImportLimits, import_smear
 from hema_pipeline.monitoring.retention import settled_smears
-from hema_pipeline import settings
 
-smear_partitions = dg.DynamicPartitionsDefinition(name="smears")
+SMEAR_PARTITIONS = "smears"
+smear_partitions = dg.DynamicPartitionsDefinition(name=SMEAR_PARTITIONS)
 
 # Every asset that writes the DuckDB file runs in this pool; dagster.yaml limits pools to one slot,
 # because DuckDB allows a single writing process per file.
@@ -206,7 +207,7 @@ def inbox_sensor(
     if problem:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"no imports requested: {problem}"))
     cursor = json.loads(context.cursor) if context.cursor else {}
-    known = set(context.instance.get_dynamic_partitions(smear_partitions.name))
+    known = set(context.instance.get_dynamic_partitions(SMEAR_PARTITIONS))
     try:
         with identifiable_zone("the inbox scan"):
             plan = plan_imports(
@@ -245,7 +246,7 @@ def nightly_import_schedule(
     problem = pseudonyms.problem(warehouse)
     if problem:
         return dg.SkipReason(f"no imports requested: {problem}")
-    known = set(context.instance.get_dynamic_partitions(smear_partitions.name))
+    known = set(context.instance.get_dynamic_partitions(SMEAR_PARTITIONS))
     try:
         with identifiable_zone("the nightly inbox sweep"):
             plan = plan_imports(inbox.inbox(), pseudonyms.key(), known, trigger="nightly")
@@ -253,7 +254,7 @@ def nightly_import_schedule(
         raise InboxScanFailed(str(error)) from None
     context.log.info(_describe(plan))
     if plan.new_partitions:
-        context.instance.add_dynamic_partitions(smear_partitions.name, plan.new_partitions)
+        context.instance.add_dynamic_partitions(SMEAR_PARTITIONS, plan.new_partitions)
     return plan.run_requests
 
 
@@ -273,7 +274,7 @@ def smear_partition_retention_sensor(
     if partition_retention.retention_days <= 0:
         return dg.SkipReason("partition retention is off (retention_days = 0): every smear keeps its partition")
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=partition_retention.retention_days)
-    live = context.instance.get_dynamic_partitions(smear_partitions.name)
+    live = context.instance.get_dynamic_partitions(SMEAR_PARTITIONS)
     retired = settled_smears(warehouse.warehouse(), live, cutoff, partition_retention.max_retired_per_tick)
     if not retired:
         return dg.SkipReason(f"{len(live)} live smear partitions, none settled for {partition_retention.retention_days:g} days")

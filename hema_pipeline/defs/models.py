@@ -10,7 +10,6 @@ import base64
 import math
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import dagster as dg
 
@@ -58,11 +57,11 @@ class TrainingRunConfig(dg.Config):
     architecture: str = ""  # compact | standard | large | efficientnet_lite0 | efficientnet_lite2; empty: the task's hint
     # Unset: the architecture's measured recipe (`training.recipe_for`): from scratch 70 epochs at 2e-3 with
     # patience 25; from ImageNet weights 9 epochs at 5e-4 with patience 9.
-    epochs: Optional[int] = None
+    epochs: int | None = None
     batch_size: int = 64
     gpu_batch_size: int = 256
-    learning_rate: Optional[float] = None
-    early_stopping_patience: Optional[int] = None
+    learning_rate: float | None = None
+    early_stopping_patience: int | None = None
     seed: int = 20260101
     # >1: a deep ensemble of that many networks, each trained as above with its own weight seed and sample
     # order, stored as one model averaging their logits. Training and prediction cost grow in proportion.
@@ -93,8 +92,8 @@ class PromotionConfig(dg.Config):
     min_referral_coverage: float = 0.0
 
 
-def _png_markdown(png: bytes, title: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
+def _png_markdown(png: bytes, title: str) -> dg.MarkdownMetadataValue:
+    return dg.MarkdownMetadataValue(f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 def _per_class_markdown(records: list[dict]) -> str:
@@ -115,7 +114,7 @@ class _SplitReader:
         self.manifest = dataset.manifest(lake)
         keys = sorted(set(self.manifest["image_key"]))
         cache = settings.hema_home() / "cache" / "images"
-        self.paths_by_key = dict(zip(keys, resolve_local_image_paths(lake, keys, cache)))
+        self.paths_by_key = dict(zip(keys, resolve_local_image_paths(lake, keys, cache), strict=True))
 
     def inputs(self, split: str) -> tuple[list[str], list[int]]:
         return split_inputs(self.manifest, split, self.paths_by_key)
@@ -161,6 +160,8 @@ def _champion_on_candidate_split(task_name: str, dataset: DatasetHandle, storage
     card = loaded.card
     images = evaluation_dataset(paths, labels, image_size=card.input_size, cache=False, crop_fraction=card.crop_fraction)
     outputs = predict_outputs(loaded.model, images, test_time_views=card.test_time_views)
+    if outputs.labels is None:
+        raise RuntimeError(f"the test split of {dataset.dataset_version} reached the champion without its labels")
     report = evaluate_logits(outputs.logits, outputs.labels, dataset.classes, loaded.card.temperature)
     return SplitMetrics.from_report(champion_version, dataset.dataset_version, report)
 
@@ -254,7 +255,7 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             f"best validation accuracy {result.best_val_accuracy:.4f}"
         )
         curves = "\n\n".join(
-            _png_markdown(training_curves_png(member.history, member.best_epoch), f"training curves, member {index + 1}").value
+            _png_markdown(training_curves_png(member.history, member.best_epoch), f"training curves, member {index + 1}").md_str or ""
             for index, member in enumerate(result.members)
         )
         return dg.Output(
@@ -314,7 +315,6 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             referral_threshold_candidates,
             softmax,
         )
-
         from hema_pipeline.modeling.networks import check_test_time_views
 
         lake = storage.lake()
@@ -505,6 +505,8 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             store, task_name, candidate.model_version, policy, champion_on_challenger_split=champion_on_split
         )
         champion_version = current_champion(store, task_name)
+        if champion_version is None:
+            raise dg.Failure(f"{task_name}: no champion after the promotion decision {decision.action!r}; see model_promotions")
         context.log.info(f"{task_name}: {decision.action} {candidate.model_version}: {decision.reason}")
         return dg.Output(
             champion_version,

@@ -37,10 +37,20 @@ def run_needs_pseudonym_key(run: dg.DagsterRun) -> bool:
 
 def import_refusal_reason() -> str | None:
     """Why an import run would fail for want of a usable key, with the settings the code location uses."""
-    from hema_pipeline.defs.resources import default_resources
+    from hema_pipeline.defs.resources import PseudonymKeyResource, WarehouseResource, default_resources
 
     resources = default_resources()
-    return resources["pseudonyms"].problem(resources["warehouse"])
+    pseudonyms, warehouse = resources["pseudonyms"], resources["warehouse"]
+    if not isinstance(pseudonyms, PseudonymKeyResource) or not isinstance(warehouse, WarehouseResource):
+        raise TypeError("default_resources() must hold the pseudonyms and warehouse resources")
+    return pseudonyms.problem(warehouse)
+
+
+def _queued_config_fields() -> dict[str, Any]:
+    fields = QueuedRunCoordinator.config_type()
+    if not isinstance(fields, Mapping):
+        raise TypeError("QueuedRunCoordinator.config_type() is no longer a mapping of fields")
+    return dict(fields)
 
 
 class KeyCheckingRunCoordinator(QueuedRunCoordinator):
@@ -51,7 +61,7 @@ class KeyCheckingRunCoordinator(QueuedRunCoordinator):
     @classmethod
     def config_type(cls) -> UserConfigSchema:
         return {
-            **QueuedRunCoordinator.config_type(),
+            **_queued_config_fields(),
             "refuse_imports_without_key": Field(
                 bool,
                 is_required=False,
@@ -65,7 +75,7 @@ class KeyCheckingRunCoordinator(QueuedRunCoordinator):
         cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
     ) -> KeyCheckingRunCoordinator:
         # The queued coordinator's settings are its constructor's keyword arguments, one to one.
-        queued = {name: config_value.get(name) for name in QueuedRunCoordinator.config_type()}
+        queued = {name: config_value.get(name) for name in _queued_config_fields()}
         return cls(
             refuse_imports_without_key=config_value.get("refuse_imports_without_key", True),
             inst_data=inst_data,

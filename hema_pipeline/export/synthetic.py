@@ -237,7 +237,7 @@ def _fake_patients(rng: np.random.Generator, count: int) -> list[tuple[str, str,
     name_pool = (len(FEMALE_FIRST_NAMES) + len(MALE_FIRST_NAMES)) * len(LAST_NAMES)
     used_names: set[tuple[str, str]] = set()
     used_numbers: set[str] = set()
-    patients = []
+    patients: list[tuple[str, str, Patient]] = []
     while len(patients) < count:
         last = LAST_NAMES[int(surname_order[len(patients) % len(LAST_NAMES)])]
         # A few records have sex "U" (unknown), as LIS exports do; their first name is from either list.

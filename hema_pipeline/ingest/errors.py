@@ -24,9 +24,10 @@ def identifiable_zone(
     """Run ``operation`` so that any failure leaves as a ``ContainedError`` with no cause attached.
     ``safe`` lists error types whose messages are redacted by construction (the pseudonymisation set-up
     errors, say); they pass unchanged, so the operator reads what to fix."""
+    passed_through: tuple[type[Exception], ...] = (ContainedError, *safe)
     try:
         yield
-    except (ContainedError, *safe):
+    except passed_through:
         raise
     except Exception as error:  # noqa: BLE001 - every kind must be contained, that is the point
         where = f" for smear {smear_id}" if smear_id else ""

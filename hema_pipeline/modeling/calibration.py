@@ -111,7 +111,7 @@ def fit_temperature(
 
     inverse_temperature = 1.0 if low < 1.0 < high else (low + high) / 2
     iterations = 0
-    for iterations in range(1, max_iterations + 1):
+    for iterations in range(1, max_iterations + 1):  # noqa: B007 - the count is reported after the loop
         slope, curvature = slope_and_curvature(inverse_temperature)
         if slope > 0:
             high = inverse_temperature

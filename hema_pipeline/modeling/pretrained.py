@@ -194,7 +194,7 @@ def weights_path(name: str) -> Path:
         )
     for record in distribution.files or ():
         if record.as_posix() == spec.weights_file:
-            path = Path(distribution.locate_file(record))
+            path = Path(str(distribution.locate_file(record)))
             if record.hash is not None and record.hash.mode == "sha256":
                 expected = base64.urlsafe_b64encode(bytes.fromhex(spec.sha256)).rstrip(b"=").decode()
                 if record.hash.value != expected:
@@ -283,7 +283,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
         raise RefusedCheckpoint("a tensor with backward hooks")
     if rest and any(item is not None and item != {} for item in rest):
         raise RefusedCheckpoint("a tensor with extra metadata")
-    if math.prod(size) > 0 and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
+    if math.prod(size) > 0 and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= storage.numel:
         raise RefusedCheckpoint(f"a tensor reaching past its storage of {storage.numel} elements")
     return _TensorRef(storage, offset, size, stride)
 
@@ -499,7 +499,7 @@ class ConvertedWeights:
         arrays = {f"{layer}/{index}": array for layer, weights in self.layers.items() for index, array in enumerate(weights)}
         arrays["__counts__"] = np.array([self.tensors_mapped, self.tensors_skipped, CONVERSION_VERSION], np.int64)
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         return buffer.getvalue()
 
     @classmethod

@@ -123,7 +123,7 @@ def gather_evidence(
     champion, dataset_version, promoted_at = champion_row if champion_row else (None, None, None)
     labels = sorted(task.label_map)
     placeholders = ", ".join("?" for _ in labels)
-    new_verified = connection.execute(
+    new_verified_row = connection.execute(
         f"""
         select count(*) from cells c
         where c.verified_class in ({placeholders})
@@ -132,7 +132,8 @@ def gather_evidence(
           )
         """,
         [*labels, dataset_version or ""],
-    ).fetchone()[0]
+    ).fetchone() or (0,)
+    new_verified = int(new_verified_row[0])
 
     window_start = max(
         (value for value in (_iso(promoted_at), drift_checked_until) if value is not None), default=None
@@ -147,7 +148,7 @@ def gather_evidence(
             where model_version = ? and (cast(? as timestamp) is null or predicted_at > cast(? as timestamp))
             """,
             [champion, window_start, window_start],
-        ).fetchone()
+        ).fetchone() or (0, 0, None)
         window_end = _iso(newest)
     return TaskEvidence(
         task=task.name,

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ObjectNotFound(KeyError):
@@ -208,13 +208,13 @@ class S3ObjectStore:
         prefix: str = "",
         endpoint_url: str | None = None,
         region_name: str | None = None,
-        client: object | None = None,
+        client: Any | None = None,
     ) -> None:
         import boto3  # imported here: local-only users never pay for it
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self._client = client or boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region_name or None)
+        self._client: Any = client or boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region_name or None)
 
     def _key(self, key: str) -> str:
         key = _clean_key(key)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -46,7 +47,7 @@ LOCK_WAIT_SECONDS = 120.0
 # For connections that run SQL the caller did not write (`hema query`): read-only, no file system,
 # network, extension or Python-variable access, and the configuration locked so SET/RESET/PRAGMA cannot
 # turn any of it back on. No temp directory either, so nothing is spilled to disk.
-LOCKED_DOWN_CONFIG: dict[str, object] = {
+LOCKED_DOWN_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     "enable_external_access": False,
     "allow_community_extensions": False,
     "allow_unsigned_extensions": False,
@@ -103,7 +104,7 @@ def _with_dialect_types(sql: str, dialect: str) -> str:
     return "\n".join(lines)
 
 
-def is_postgres_location(location: str | Path) -> bool:
+def is_postgres_location(location: str | os.PathLike[str]) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://", "postgresql+psycopg2://"))
 
 
@@ -113,7 +114,7 @@ class Warehouse:
 
     dialect: str = ""
 
-    def __new__(cls, location: str | Path) -> Warehouse:
+    def __new__(cls, location: str | os.PathLike[str]) -> Warehouse:
         if cls is Warehouse:
             if is_postgres_location(location):
                 from hema_pipeline.storage.postgres import PostgresWarehouse
@@ -178,7 +179,7 @@ class DuckDBWarehouse(Warehouse):
 
     dialect = "duckdb"
 
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, location: str | os.PathLike[str]) -> None:
         self.path = Path(location)
         self._schema_applied = False
 
