@@ -82,7 +82,9 @@ def main() -> None:
     test = evaluation_dataset(*parts["test"], image_size=size, crop_fraction=crop, cache=False)
     natural = evaluation_dataset(*parts["train"], image_size=size, crop_fraction=crop, cache=False)
     with tempfile.TemporaryDirectory() as checkpoints:
-        result = train_model(arch, config, stream.dataset, validation, classes, checkpoints, steps_per_epoch=stream.steps_per_epoch)
+        result = train_model(
+            arch, config, stream.dataset, validation, classes, checkpoints, steps_per_epoch=stream.steps_per_epoch
+        )
         trained_path = Path(checkpoints) / "trained.keras"
         result.model.save(trained_path)
 

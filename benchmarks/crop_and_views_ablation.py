@@ -38,7 +38,11 @@ def random_split(pbc_root: Path, seed: int) -> tuple[list[str], dict[str, tuple[
         files = sorted(str(path) for path in (pbc_root / folder_name).glob("*.jpg"))
         rng.shuffle(files)
         cut_train, cut_validation = int(0.6 * len(files)), int(0.75 * len(files))
-        for name, chosen in (("train", files[:cut_train]), ("validation", files[cut_train:cut_validation]), ("test", files[cut_validation:])):
+        for name, chosen in (
+            ("train", files[:cut_train]),
+            ("validation", files[cut_train:cut_validation]),
+            ("test", files[cut_validation:]),
+        ):
             parts[name][0].extend(chosen)
             parts[name][1].extend([label] * len(chosen))
     return classes, parts
@@ -56,7 +60,9 @@ def run_one(classes, parts, image_size: int, crop: float, epochs: int, seed: int
     validation = evaluation_dataset(*parts["validation"], image_size=image_size, crop_fraction=crop)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as checkpoints:
-        result = train_model(arch, config, stream.dataset, validation, classes, checkpoints, steps_per_epoch=stream.steps_per_epoch)
+        result = train_model(
+            arch, config, stream.dataset, validation, classes, checkpoints, steps_per_epoch=stream.steps_per_epoch
+        )
     row: dict = {
         "image_size": image_size,
         "crop_fraction": crop,

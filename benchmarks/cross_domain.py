@@ -88,8 +88,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cross-domain-") as temporary:
         output = Path(temporary) / "classified.csv"
         command = [
-            str(Path(sys.executable).with_name("hema")), "classify", "-d", str(crops), "--recursive",
-            "-o", str(output), "--task", args.task, "--quiet",
+            str(Path(sys.executable).with_name("hema")),
+            "classify",
+            "-d",
+            str(crops),
+            "--recursive",
+            "-o",
+            str(output),
+            "--task",
+            args.task,
+            "--quiet",
         ]
         if args.model:
             command += ["--model", args.model]
@@ -119,8 +127,10 @@ def main() -> None:
         f"{summary['referred_low_confidence']} |"
     )
     for row in summary["per_class"]:
-        print(f"  {row['true_class']}: {row['cells']} crops, {row['correct']} right, {row['accepted']} accepted "
-              f"({row['accepted_wrong']} wrongly); called {row['predicted']}")
+        print(
+            f"  {row['true_class']}: {row['cells']} crops, {row['correct']} right, {row['accepted']} accepted "
+            f"({row['accepted_wrong']} wrongly); called {row['predicted']}"
+        )
 
 
 if __name__ == "__main__":

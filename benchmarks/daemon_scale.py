@@ -16,7 +16,9 @@ trained first (one short epoch: the model's quality is not what is measured). Th
    smear's predictions with at most ``--runs`` concurrent runs, each smear's latency, and how many
    prediction runs the burst took (batched by the prediction asset's BackfillPolicy).
 
-The sensors tick every 5 s here (30 s by default): subtract the difference when reading the latencies.
+The inbox sensor and the prediction automation sensor tick every ``--sensor-interval`` seconds (30, the
+production default; the tick interval also decides how many newly imported smears one prediction run
+takes).
 Prints a Markdown table and writes every figure to ``--out``.
 """
 
@@ -114,6 +116,7 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=40)
     parser.add_argument("--cells", type=int, default=100)
     parser.add_argument("--runs", type=int, default=4, help="max concurrent runs (and writer pool slots)")
+    parser.add_argument("--sensor-interval", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=2400.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -123,9 +126,13 @@ def main() -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "cells_per_smear": args.cells,
         "max_concurrent_runs": args.runs,
-        "sensor_interval_seconds": 5,
+        "sensor_interval_seconds": args.sensor_interval,
     }
-    with tempfile.TemporaryDirectory(prefix="hema-daemon-") as folder, running_postgres() as server, running_s3_server() as endpoint:
+    with (
+        tempfile.TemporaryDirectory(prefix="hema-daemon-") as folder,
+        running_postgres() as server,
+        running_s3_server() as endpoint,
+    ):
         home = Path(folder) / "hema"
         dagster_home = home / "dagster_home"
         dagster_home.mkdir(parents=True)
@@ -170,6 +177,8 @@ def main() -> int:
             HEMA_S3_ENDPOINT_URL=endpoint,
             # Uploads write smear.json last; a folder without it waits (the production default).
             HEMA_INBOX_SETTLE_SECONDS="300",
+            HEMA_INBOX_SENSOR_INTERVAL_SECONDS=str(args.sensor_interval),
+            HEMA_PREDICTION_SENSOR_INTERVAL_SECONDS=str(args.sensor_interval),
         )
         with running_dagster_dev(home, dagster_home, environment, log_name="dagster-dev-daemon-scale.log") as dagster:
             trickle, burst = smears[: args.trickle], smears[args.trickle :]
@@ -213,9 +222,15 @@ def main() -> int:
     args.out.write_text(json.dumps(figures, indent=2, default=str))
     trickle, burst = figures["trickle"], figures["burst"]
     print("\n| figure | value |\n|---|---:|")
-    print(f"| trickle ({trickle['smears']} smears, one every {trickle['gap_seconds']:.0f} s): upload → predictions, median / p95 | {trickle['latency_median_seconds']:.0f} s / {trickle['latency_p95_seconds']:.0f} s |")
-    print(f"| burst of {burst['smears']} smears, {args.runs} concurrent runs: smears per hour | {burst['smears_per_hour']:,.0f} |")
-    print(f"| burst: upload → predictions, median / p95 / last | {burst['latency_median_seconds']:.0f} s / {burst['latency_p95_seconds']:.0f} s / {burst['makespan_seconds']:.0f} s |")
+    print(
+        f"| trickle ({trickle['smears']} smears, one every {trickle['gap_seconds']:.0f} s): upload → predictions, median / p95 | {trickle['latency_median_seconds']:.0f} s / {trickle['latency_p95_seconds']:.0f} s |"
+    )
+    print(
+        f"| burst of {burst['smears']} smears, {args.runs} concurrent runs: smears per hour | {burst['smears_per_hour']:,.0f} |"
+    )
+    print(
+        f"| burst: upload → predictions, median / p95 / last | {burst['latency_median_seconds']:.0f} s / {burst['latency_p95_seconds']:.0f} s / {burst['makespan_seconds']:.0f} s |"
+    )
     print(f"| burst: import runs / prediction runs | {burst['import_runs']} / {burst['prediction_runs']} |")
     print(f"| inbox objects left after the run (archive on) | {figures['inbox_objects_left']} |")
     return 0

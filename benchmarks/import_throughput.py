@@ -62,13 +62,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
-        generate_export(root / "synthetic", SyntheticExportSpec(smears=args.synthetic_smears, cells_per_smear=args.cells_per_smear, seed=7))
+        generate_export(
+            root / "synthetic", SyntheticExportSpec(smears=args.synthetic_smears, cells_per_smear=args.cells_per_smear, seed=7)
+        )
         rows.append(measure("synthetic", root / "synthetic", root / "work-synthetic"))
         pbc = shared_data_dir() / "pbc"
         if args.pbc_cells and pbc.is_dir():
             from hema_pipeline.export.pbc import PbcExportSpec, export_pbc_as_smears
 
-            export_pbc_as_smears(pbc, root / "pbc", PbcExportSpec(cells_per_smear=args.cells_per_smear, max_per_class=args.pbc_cells // 8, seed=7))
+            export_pbc_as_smears(
+                pbc, root / "pbc", PbcExportSpec(cells_per_smear=args.cells_per_smear, max_per_class=args.pbc_cells // 8, seed=7)
+            )
             rows.append(measure("PBC pseudo-smears", root / "pbc", root / "work-pbc"))
         elif args.pbc_cells:
             print(f"(PBC images not found at {pbc}: PBC row skipped)")

@@ -47,7 +47,14 @@ from train_pbc import cpu_model  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 # Paths that would send the benchmark to a real home instead of its temporary one.
-_LOCATION_VARIABLES = ("HEMA_INBOX", "HEMA_LAKE", "HEMA_QUARANTINE", "HEMA_WAREHOUSE", "HEMA_PSEUDONYM_KEY_FILE", "HEMA_S3_ENDPOINT_URL")
+_LOCATION_VARIABLES = (
+    "HEMA_INBOX",
+    "HEMA_LAKE",
+    "HEMA_QUARANTINE",
+    "HEMA_WAREHOUSE",
+    "HEMA_PSEUDONYM_KEY_FILE",
+    "HEMA_S3_ENDPOINT_URL",
+)
 
 
 def log(message: str) -> None:
@@ -109,13 +116,19 @@ def import_and_train(args: argparse.Namespace) -> dict:
     import_job = defs.resolve_job_def("import_smears")
     for request in requests:
         result = import_job.execute_in_process(
-            instance=instance, partition_key=request.partition_key, tags={"hema/trigger": "benchmark"}, run_config=QUIET, raise_on_error=False
+            instance=instance,
+            partition_key=request.partition_key,
+            tags={"hema/trigger": "benchmark"},
+            run_config=QUIET,
+            raise_on_error=False,
         )
         if not result.success:
             raise SystemExit(f"import of {request.partition_key} failed")
     timings["import_s"] = time.perf_counter() - started
-    log(f"imported {len(requests)} smears in {timings['import_s']:.1f} s; training {', '.join(DEMO_TASKS)} "
-        f"({args.epochs} epochs, {args.image_size} px)")
+    log(
+        f"imported {len(requests)} smears in {timings['import_s']:.1f} s; training {', '.join(DEMO_TASKS)} "
+        f"({args.epochs} epochs, {args.image_size} px)"
+    )
 
     started = time.perf_counter()
     selection = dg.AssetSelection.assets("cell_table", "smear_flag_thresholds") | dg.AssetSelection.assets(
@@ -181,7 +194,10 @@ def classify_cold_process(image_dir: Path, csv: Path) -> float:
     started = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-m", "hema_pipeline.cli", "classify", "-d", str(image_dir), "-o", str(csv), "-q"],
-        cwd=REPO, capture_output=True, text=True, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     elapsed = time.perf_counter() - started
     if completed.returncode != 0:
@@ -229,8 +245,14 @@ def inbox_to_duckdb(args, home: Path, defs, instance, warehouse) -> dict:
 
     arrivals = generate_export(
         home / "arrivals",
-        SyntheticExportSpec(smears=1, cells_per_smear=args.latency_cells, seed=args.seed + 1009,
-                            dysplastic_smear_share=1.0, malignant_smear_share=0.0, verified_share=0.9),
+        SyntheticExportSpec(
+            smears=1,
+            cells_per_smear=args.latency_cells,
+            seed=args.seed + 1009,
+            dysplastic_smear_share=1.0,
+            malignant_smear_share=0.0,
+            verified_share=0.9,
+        ),
     )
     future = time.time() + 2  # strictly newer than anything the cursor has seen
     folder = arrivals.smears[0].folder
@@ -334,7 +356,9 @@ def main() -> int:
         instance = dg.DagsterInstance.get()
         lake = open_object_store(settings.lake_url())
         warehouse = Warehouse(settings.warehouse_path())
-        champions = {task: current_champion(warehouse, task) for task in ("pbc8", "neutrophil_dysplasia", "lymphocyte_malignancy")}
+        champions = {
+            task: current_champion(warehouse, task) for task in ("pbc8", "neutrophil_dysplasia", "lymphocyte_malignancy")
+        }
         figures["champions"] = champions
         if champions["pbc8"] is None:
             raise SystemExit("no pbc8 champion after training")
@@ -429,18 +453,28 @@ def print_report(f: dict) -> None:
     steps = [run["step_s"] for run in runs if run["step_s"] is not None]
     machine = f["machine"]
     print()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, TensorFlow {machine.get('tensorflow')}")
-    print(f"load average (1/5/15 min) at start {f['load_average_start']}, seed loop {f['load_average_seed']}, "
-          f"classify {f['load_average_classify']}, asset {f['load_average_asset']}, latency {f['load_average_latency']}, "
-          f"end {f['load_average_end']}")
-    print(f"setup: generate {f['setup']['generate_s']:.0f} s, import {f['setup']['import_s']:.0f} s, "
-          f"train {f['setup']['train_s']:.0f} s; champions {f['champions']}")
-    print(f"model input {f['input_size']} px, pixel range [0, {f['pixel_range']:g}]; "
-          f"pbc8 champion load + wrap {f['pbc8_load_s']:.2f} s; three champions (one prediction run's load) {f['asset_model_load_s']:.2f} s")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, TensorFlow {machine.get('tensorflow')}"
+    )
+    print(
+        f"load average (1/5/15 min) at start {f['load_average_start']}, seed loop {f['load_average_seed']}, "
+        f"classify {f['load_average_classify']}, asset {f['load_average_asset']}, latency {f['load_average_latency']}, "
+        f"end {f['load_average_end']}"
+    )
+    print(
+        f"setup: generate {f['setup']['generate_s']:.0f} s, import {f['setup']['import_s']:.0f} s, "
+        f"train {f['setup']['train_s']:.0f} s; champions {f['champions']}"
+    )
+    print(
+        f"model input {f['input_size']} px, pixel range [0, {f['pixel_range']:g}]; "
+        f"pbc8 champion load + wrap {f['pbc8_load_s']:.2f} s; three champions (one prediction run's load) {f['asset_model_load_s']:.2f} s"
+    )
     print()
     print("| what | images | seconds | cells/s | vs seed loop (goal ≥ 5×) |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| seed-style loop: PIL load + resize, `model.predict` per image (warm model) | {n} | {f['seed_loop_s']:.1f} | {seed_rate:.0f} | 1.0× |")
+    print(
+        f"| seed-style loop: PIL load + resize, `model.predict` per image (warm model) | {n} | {f['seed_loop_s']:.1f} | {seed_rate:.0f} | 1.0× |"
+    )
     for label, key in (
         ("`hema classify`, new process (Python + TF import + model load included)", "classify_process_s"),
         ("`hema classify`, `cli.main` in process (model load + trace included)", "classify_main_s"),
@@ -448,16 +482,22 @@ def print_report(f: dict) -> None:
     ):
         rate = n / f[key]
         print(f"| {label} | {n} | {f[key]:.1f} | {rate:.0f} | **{rate / seed_rate:.1f}×** |")
-    print(f"| `predict_smears` asset, {len(runs)} runs (one per smear; routing, Grad-CAM, DuckDB, report) | {asset_cells} | "
-          f"{asset_wall:.1f} | {asset_rate:.0f} | **{asset_rate / seed_rate:.1f}×** |")
+    print(
+        f"| `predict_smears` asset, {len(runs)} runs (one per smear; routing, Grad-CAM, DuckDB, report) | {asset_cells} | "
+        f"{asset_wall:.1f} | {asset_rate:.0f} | **{asset_rate / seed_rate:.1f}×** |"
+    )
     if steps and len(steps) == len(runs):
         step_rate = asset_cells / sum(steps)
-        print(f"| `predict_smears`, the step's own time only (event log) | {asset_cells} | {sum(steps):.1f} | {step_rate:.0f} | "
-              f"{step_rate / seed_rate:.1f}× |")
+        print(
+            f"| `predict_smears`, the step's own time only (event log) | {asset_cells} | {sum(steps):.1f} | {step_rate:.0f} | "
+            f"{step_rate / seed_rate:.1f}× |"
+        )
     print()
-    print(f"Top-1 agreement seed loop vs `hema classify` on the same images: {f['top1_agreement_seed_vs_classify']:.1%} "
-          f"(PIL bicubic resize vs area resize). Asset wrote {f['asset_prediction_rows']} prediction rows for "
-          f"{f['asset_cells_predicted']} cells.")
+    print(
+        f"Top-1 agreement seed loop vs `hema classify` on the same images: {f['top1_agreement_seed_vs_classify']:.1%} "
+        f"(PIL bicubic resize vs area resize). Asset wrote {f['asset_prediction_rows']} prediction rows for "
+        f"{f['asset_cells_predicted']} cells."
+    )
     print()
     print("| predict_smears run | cells | wall s | step s | run overhead s |")
     print("|---|---:|---:|---:|---:|")
@@ -470,8 +510,10 @@ def print_report(f: dict) -> None:
         later = runs[1:] or runs
         mean_wall = sum(run["wall_s"] for run in later) / len(later)
         mean_step = sum(run["step_s"] for run in later) / len(later)
-        print(f"| mean of runs 2–{len(runs)} | {sum(run['cells'] for run in later) / len(later):.0f} | {mean_wall:.2f} | "
-              f"{mean_step:.2f} | {mean_wall - mean_step:.2f} |")
+        print(
+            f"| mean of runs 2–{len(runs)} | {sum(run['cells'] for run in later) / len(later):.0f} | {mean_wall:.2f} | "
+            f"{mean_step:.2f} | {mean_wall - mean_step:.2f} |"
+        )
     latency = f["latency"]
     print()
     print(f"Inbox -> DuckDB, one new smear ({latency['cells']} cells, {latency['prediction_rows']} prediction rows):")

@@ -76,9 +76,7 @@ def _apply_affine_transform(
     zoom = np.array([[zx, 0, 0], [0, zy, 0], [0, 0, 1]])
     matrix = _transform_matrix_offset_center(rotation @ shift @ shear_matrix @ zoom, image.shape[0], image.shape[1])
     channels = [
-        scipy.ndimage.affine_transform(
-            image[..., channel], matrix[:2, :2], matrix[:2, 2], order=1, mode="reflect", cval=0.0
-        )
+        scipy.ndimage.affine_transform(image[..., channel], matrix[:2, :2], matrix[:2, 2], order=1, mode="reflect", cval=0.0)
         for channel in range(image.shape[-1])
     ]
     return np.stack(channels, axis=-1)
@@ -209,10 +207,7 @@ def run(images_dir: Path, count: int, image_size: int, epochs: int, batch_size: 
     ours_rate = images_per_epoch * epochs / sum(ours_seconds)
     warm_rate = images_per_epoch * (epochs - 1) / sum(ours_seconds[1:]) if epochs > 1 else float("nan")
 
-    print(
-        f"## Input pipeline: {len(paths)} PBC images from {images_dir}, "
-        f"{image_size} px, batch {batch_size}, {epochs} epochs\n"
-    )
+    print(f"## Input pipeline: {len(paths)} PBC images from {images_dir}, {image_size} px, batch {batch_size}, {epochs} epochs\n")
     print("| pipeline | epoch | images/s | seconds |")
     print("|---|---|---:|---:|")
     for name, epoch, rate, seconds in rows:
@@ -222,9 +217,7 @@ def run(images_dir: Path, count: int, image_size: int, epochs: int, batch_size: 
     print("|---|---:|---:|")
     print(f"| ImageDataGenerator-style loop, all epochs | {baseline_rate:,.0f} | 1.0x |")
     print(f"| tf.data, all epochs (first includes decoding) | {ours_rate:,.0f} | {ours_rate / baseline_rate:.1f}x |")
-    print(
-        f"| tf.data, epochs 2-{epochs} (decoded images cached) | {warm_rate:,.0f} | {warm_rate / baseline_rate:.1f}x |"
-    )
+    print(f"| tf.data, epochs 2-{epochs} (decoded images cached) | {warm_rate:,.0f} | {warm_rate / baseline_rate:.1f}x |")
     print()
     print("| machine | |")
     print("|---|---|")
@@ -239,9 +232,7 @@ def main() -> None:
         "--images", type=Path, default=default_images, help="folder with PBC class folders (default: %(default)s)"
     )
     parser.add_argument("--count", type=int, default=2000, help="images to use (default: %(default)s)")
-    parser.add_argument(
-        "--image-size", type=int, default=64, help="training resolution in pixels (default: %(default)s)"
-    )
+    parser.add_argument("--image-size", type=int, default=64, help="training resolution in pixels (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per pipeline (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

@@ -90,9 +90,7 @@ def outputs_for_rows(model, lake, rows, image_size: int, crop_fraction: float, t
 
     rows = rows.sort_values("cell_uid")
     paths = resolve_local_image_paths(lake, list(rows["image_key"]), Path(tempfile.gettempdir()))
-    dataset = evaluation_dataset(
-        paths, [0] * len(paths), image_size=image_size, cache=False, crop_fraction=crop_fraction
-    )
+    dataset = evaluation_dataset(paths, [0] * len(paths), image_size=image_size, cache=False, crop_fraction=crop_fraction)
     return predict_outputs(model, dataset, test_time_views=test_time_views)
 
 
@@ -115,8 +113,7 @@ def run_one(prepared, held_out_class: str, args) -> dict:
 
     lake = LocalObjectStore(prepared.lake_url)
     handle, held_out_rows = derived_handle(prepared, held_out_class)
-    LOG.info("%s held out: %d known cells, %d held-out cells", held_out_class,
-             len(handle.manifest(lake)), len(held_out_rows))
+    LOG.info("%s held out: %d known cells, %d held-out cells", held_out_class, len(handle.manifest(lake)), len(held_out_rows))
     started = time.perf_counter()
     trained_output, calibration_output = train_and_calibrate(
         prepared, handle, args.architecture, args.epochs, args.patience, args.train_seed
@@ -218,7 +215,9 @@ def markdown(results: list[dict], args, machine: str) -> str:
         )
     lines.append("")
     for r in results:
-        called = ", ".join(f"{name} {count}" for name, count in sorted(r["held_out_called_as"].items(), key=lambda item: -item[1]))
+        called = ", ".join(
+            f"{name} {count}" for name, count in sorted(r["held_out_called_as"].items(), key=lambda item: -item[1])
+        )
         lines.append(f"- {r['held_out_class']} cells (all {sum(r['held_out_called_as'].values())}) called: {called}")
     return "\n".join(lines)
 

@@ -47,9 +47,7 @@ def main() -> None:
         "select dataset_version, config_json, manifest_key from dataset_versions where task = 'pbc8'"
     ).itertuples(index=False)
     # The first registration of the run is the model as trained_pbc.py registered it.
-    [card_key] = warehouse.query(
-        "select card_key from models where task = 'pbc8' order by created_at limit 1"
-    ).card_key
+    [card_key] = warehouse.query("select card_key from models where task = 'pbc8' order by created_at limit 1").card_key
     lake = LocalObjectStore(work / "lake")
     card = read_card(lake, card_key)
     from hema_pipeline.datasets.tasks import TASKS

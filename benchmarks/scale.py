@@ -210,7 +210,9 @@ def measure_archived_history(sizes: list[int], work: Path, waiting: int = 50) ->
         located = inbox.locate(TEST_KEY.smear_id(f"ACC-{size // 2:07d}"), TEST_KEY)
         locate = time.perf_counter() - started
         assert located is not None and located.archived
-        results.append({"archived_smears": size, "waiting_folders": waiting, "tick_seconds": tick, "locate_archived_seconds": locate})
+        results.append(
+            {"archived_smears": size, "waiting_folders": waiting, "tick_seconds": tick, "locate_archived_seconds": locate}
+        )
     return results
 
 
@@ -222,7 +224,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    figures: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    figures: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    }
     with tempfile.TemporaryDirectory(prefix="hema-scale-") as folder, running_postgres() as server:
         work = Path(folder)
         figures["upserts"] = measure_upserts(server, args.smears, args.workers, work)
@@ -240,7 +244,9 @@ def main() -> int:
     for key, value in upserts.items():
         print(f"| upserts: {key} | {value:,.0f} |")
     print(f"| imports: smears/hour, {imports['workers']} processes | {imports['smears_per_hour']:,.0f} |")
-    print(f"| imports: latency median / p95 (s) | {imports['latency_median_seconds']:.2f} / {imports['latency_p95_seconds']:.2f} |")
+    print(
+        f"| imports: latency median / p95 (s) | {imports['latency_median_seconds']:.2f} / {imports['latency_p95_seconds']:.2f} |"
+    )
     for tick in figures["sensor_ticks"]:
         print(f"| inbox sensor tick, {tick['inbox_folders']:,} folders (s) | {tick['tick_seconds']:.2f} |")
     for tick in figures["archived_history"]:

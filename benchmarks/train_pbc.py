@@ -185,13 +185,18 @@ def prepare_pbc8(
         facts["near_duplicate_pairs"] = int(len(pairs))
         labels = dict(zip(manifest["cell_uid"], manifest["label"], strict=True))
         facts["near_duplicate_examples"] = [
-            {**{k: (int(v) if k == "distance" else str(v)) for k, v in row.items()},
-             "label_a": labels[row["cell_uid_a"]], "label_b": labels[row["cell_uid_b"]]}
+            {
+                **{k: (int(v) if k == "distance" else str(v)) for k, v in row.items()},
+                "label_a": labels[row["cell_uid_a"]],
+                "label_b": labels[row["cell_uid_b"]],
+            }
             for row in pairs.head(10).to_dict(orient="records")
         ]
         LOG.info(
             "near-duplicate check: %d cross-split pairs within %d pHash bits (dHash-confirmed) in %.1f s",
-            len(pairs), DEFAULT_MAX_DISTANCE, facts["near_duplicate_seconds"],
+            len(pairs),
+            DEFAULT_MAX_DISTANCE,
+            facts["near_duplicate_seconds"],
         )
     return PreparedData(
         work=work,
@@ -337,7 +342,10 @@ def markdown_report(summary: dict) -> str:
     m = summary["metrics"]
     epochs_per_member = ", ".join(f"{member['epochs_run']} ({member['best_epoch']})" for member in summary["members"])
     val_accuracy_per_member = ", ".join(f"{member['best_val_accuracy']:.4f}" for member in summary["members"])
-    test_accuracy_per_member = ", ".join(f"{member['test_accuracy']:.4f}" for member in summary["members"] if "test_accuracy" in member) or "n/a (one network)"
+    test_accuracy_per_member = (
+        ", ".join(f"{member['test_accuracy']:.4f}" for member in summary["members"] if "test_accuracy" in member)
+        or "n/a (one network)"
+    )
     lines = [
         "| figure | value |",
         "|---|---:|",
@@ -387,9 +395,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingRunConfig default)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per class (quick runs)")
     parser.add_argument("--crop-fraction", type=float, default=None, help="centre crop (DatasetBuildConfig default)")
-    parser.add_argument(
-        "--test-time-views", type=int, default=None, help="dihedral views averaged (CalibrationConfig default)"
-    )
+    parser.add_argument("--test-time-views", type=int, default=None, help="dihedral views averaged (CalibrationConfig default)")
     parser.add_argument(
         "--ensemble-members", type=int, default=None, help="networks averaged in the model (TrainingRunConfig default)"
     )

@@ -69,9 +69,20 @@ def _query(args: argparse.Namespace) -> int:
 
 # What `hema models list` shows, in this order; columns an older warehouse lacks are left out.
 MODEL_LIST_COLUMNS = (
-    "task", "model_version", "status", "architecture", "input_size", "accuracy", "macro_f1", "ece_after",
-    "referral_coverage", "referral_target", "referral_confidence", "referral_certified_accuracy",
-    "dataset_version", "created_at",
+    "task",
+    "model_version",
+    "status",
+    "architecture",
+    "input_size",
+    "accuracy",
+    "macro_f1",
+    "ece_after",
+    "referral_coverage",
+    "referral_target",
+    "referral_confidence",
+    "referral_certified_accuracy",
+    "dataset_version",
+    "created_at",
 )
 
 
@@ -110,13 +121,18 @@ def _models(args: argparse.Namespace) -> int:
             if not args.reason.strip():
                 raise ValueError("give a reason: it is recorded in the promotion log")
             decision = rollback(warehouse, args.task, reason=f"by operator: {args.reason.strip()}")
-        print(json.dumps(
-            {
-                "task": decision.task, "action": decision.action, "champion": decision.model_version,
-                "previous_champion": decision.previous_champion, "reason": decision.reason,
-            },
-            indent=2,
-        ))
+        print(
+            json.dumps(
+                {
+                    "task": decision.task,
+                    "action": decision.action,
+                    "champion": decision.model_version,
+                    "previous_champion": decision.previous_champion,
+                    "reason": decision.reason,
+                },
+                indent=2,
+            )
+        )
         return 0
     except (LookupError, ValueError) as error:
         print(f"hema models: {error}", file=sys.stderr)
@@ -138,9 +154,7 @@ def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehou
     from hema_pipeline.storage.object_store import open_object_store
 
     with warehouse.connect_existing() as connection:
-        rows = connection.execute(
-            "select card_key, status from models where model_version = ?", [model_version]
-        ).fetchall()
+        rows = connection.execute("select card_key, status from models where model_version = ?", [model_version]).fetchall()
         if not rows:
             raise LookupError(f"no model {model_version!r} is registered")
         [(card_key, status)] = rows
@@ -161,7 +175,11 @@ def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehou
         f"  network          {card.architecture.get('name')} at {card.input_size} px, crop {card.crop_fraction}, "
         f"{card.test_time_views} test-time view(s), ensemble of {card.architecture.get('ensemble_members', 1)}",
         "  initial weights  "
-        + (f"{pretrained['package']} {pretrained['version']} (sha256 {pretrained['sha256'][:16]}...)" if pretrained else "from scratch"),
+        + (
+            f"{pretrained['package']} {pretrained['version']} (sha256 {pretrained['sha256'][:16]}...)"
+            if pretrained
+            else "from scratch"
+        ),
         f"  training         {card.training.get('epochs_run', '?')} epochs on {card.training_device} in "
         f"{card.training_seconds:.0f} s, peak learning rate {card.training.get('learning_rate')}",
         f"  test split       {metrics.get('cells')} cells: accuracy {metrics.get('accuracy'):.4f}, macro F1 "
@@ -173,7 +191,10 @@ def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehou
         f"  code             {card.code_version}",
         "  promotion log    " + ("none" if not history else ""),
     ]
-    lines += [f"    #{sequence} {action} {version} (was {previous}): {reason} at {decided}" for sequence, action, version, previous, reason, decided in history]
+    lines += [
+        f"    #{sequence} {action} {version} (was {previous}): {reason} at {decided}"
+        for sequence, action, version, previous, reason, decided in history
+    ]
     print("\n".join(lines))
     return 0
 
@@ -240,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("-o", "--output", required=True, help="CSV to write")
     classify.add_argument("--task", default="pbc8", help="the task whose model classifies (default: pbc8)")
     classify.add_argument("--model", help="a model version (default: the task's champion)")
-    classify.add_argument("--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+    classify.add_argument(
+        "--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)"
+    )
     classify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     classify.set_defaults(handler=_classify)
 
@@ -259,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     roll_back.add_argument("task")
     roll_back.add_argument("--reason", required=True)
     for parser_ in (listing, show, promote, roll_back):
-        parser_.add_argument("--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)")
+        parser_.add_argument(
+            "--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)"
+        )
     models.set_defaults(handler=_models)
 
     query = commands.add_parser(

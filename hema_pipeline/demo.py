@@ -39,7 +39,14 @@ def fill_inbox(use_pbc: bool, smears: int, cells_per_smear: int, seed: int) -> s
 
     export = generate_export(
         inbox,
-        SyntheticExportSpec(smears=smears, cells_per_smear=cells_per_smear, seed=seed, dysplastic_smear_share=0.4, malignant_smear_share=0.4, verified_share=0.9),
+        SyntheticExportSpec(
+            smears=smears,
+            cells_per_smear=cells_per_smear,
+            seed=seed,
+            dysplastic_smear_share=0.4,
+            malignant_smear_share=0.4,
+            verified_share=0.9,
+        ),
     )
     return f"{len(export.smears)} synthetic smears (fake patients)"
 
@@ -87,14 +94,17 @@ def run_demo(use_pbc: bool, smears: int, cells_per_smear: int, seed: int, epochs
     failed = 0
     for request in requests:
         result = import_job.execute_in_process(
-            instance=instance, partition_key=request.partition_key, tags={"hema/trigger": "demo"}, run_config=quiet, raise_on_error=False
+            instance=instance,
+            partition_key=request.partition_key,
+            tags={"hema/trigger": "demo"},
+            run_config=quiet,
+            raise_on_error=False,
         )
         failed += 0 if result.success else 1
 
     print("\n== 2/3 validate, build datasets, train, calibrate, register (short CPU training)")
-    training_selection = (
-        dg.AssetSelection.assets("cell_table", "smear_flag_thresholds")
-        | dg.AssetSelection.assets(*[f"{task}_{stage}" for task in DEMO_TASKS for stage in ("dataset", "trained_model", "calibration", "model", "champion")])
+    training_selection = dg.AssetSelection.assets("cell_table", "smear_flag_thresholds") | dg.AssetSelection.assets(
+        *[f"{task}_{stage}" for task in DEMO_TASKS for stage in ("dataset", "trained_model", "calibration", "model", "champion")]
     )
     training = dg.materialize(
         cast("list[dg.AssetsDefinition]", [*(defs.assets or ()), *(defs.asset_checks or ())]),

@@ -23,7 +23,7 @@ def test_pseudonyms_are_keyed_stable_and_namespaced():
     other = PseudonymKey(b"j" * 32)
     assert key.patient_id("MRN00001234") == key.patient_id(" MRN00001234 ")
     assert key.patient_id("MRN00001234") != other.patient_id("MRN00001234")
-    assert key.patient_id("X1") [1:] != key.smear_id("X1")[1:]
+    assert key.patient_id("X1")[1:] != key.smear_id("X1")[1:]
     assert "1234" not in key.patient_id("MRN00001234")
 
 

@@ -54,9 +54,7 @@ def graph_snapshot() -> dict:
         "checks": checks,
         "jobs": jobs,
         "sensors": sorted(sensor.name for sensor in defs.sensors or []),
-        "schedules": sorted(
-            f"{schedule.name} -> {schedule.job_name}" for schedule in defs.schedules or []
-        ),
+        "schedules": sorted(f"{schedule.name} -> {schedule.job_name}" for schedule in defs.schedules or []),
     }
 
 

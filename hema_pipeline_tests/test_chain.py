@@ -229,7 +229,26 @@ def test_train_register_promote_predict_report(chain, tmp_path):
         table = list(csv.DictReader(stream))
     assert len(table) == 5 and "broken.jpg" not in {row["file"] for row in table}
     assert {f"p_{name}" for name in ("neutrophil", "platelet")} <= set(table[0])
-    assert all(abs(sum(float(row[f"p_{name}"]) for name in ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte", "immature_granulocyte", "erythroblast", "platelet")) - 1) < 1e-4 for row in table)
+    assert all(
+        abs(
+            sum(
+                float(row[f"p_{name}"])
+                for name in (
+                    "neutrophil",
+                    "eosinophil",
+                    "basophil",
+                    "lymphocyte",
+                    "monocyte",
+                    "immature_granulocyte",
+                    "erythroblast",
+                    "platelet",
+                )
+            )
+            - 1
+        )
+        < 1e-4
+        for row in table
+    )
 
 
 def test_an_ensemble_trains_registers_and_predicts_through_dagster(chain, tmp_path):
@@ -318,9 +337,7 @@ def test_task_without_data_produces_no_model_and_does_not_fail(pipeline_env, dag
     assert result.success
     assert not result.asset_materializations_for_node("lymphocyte_malignancy_dataset")
     assert not result.asset_materializations_for_node("lymphocyte_malignancy_trained_model")
-    observations = [
-        event for event in result.all_events if event.event_type_value == "ASSET_OBSERVATION"
-    ]
+    observations = [event for event in result.all_events if event.event_type_value == "ASSET_OBSERVATION"]
     reason = observations[0].event_specific_data.asset_observation.metadata["reason"].value
     assert "malignant_lymphocyte" in reason and "no verified cells" in reason
 

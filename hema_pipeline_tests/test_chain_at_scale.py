@@ -55,7 +55,9 @@ def test_the_chain_on_postgres_and_s3(pipeline_env, postgres_server, s3_endpoint
     resources = {
         **pipeline_env.resources(),
         "inbox": InboxResource(url=f"s3://{bucket}/inbox", s3_endpoint_url=s3_endpoint, settle_seconds=0),
-        "storage": StorageResource(lake_url=f"s3://{bucket}/lake", quarantine_url=f"s3://{bucket}/quarantine", s3_endpoint_url=s3_endpoint),
+        "storage": StorageResource(
+            lake_url=f"s3://{bucket}/lake", quarantine_url=f"s3://{bucket}/quarantine", s3_endpoint_url=s3_endpoint
+        ),
         "warehouse": WarehouseResource(path=warehouse_url),
         "io_manager": HandleIOManager(lake_url=f"s3://{bucket}/lake", s3_endpoint_url=s3_endpoint),
     }
@@ -70,7 +72,9 @@ def test_the_chain_on_postgres_and_s3(pipeline_env, postgres_server, s3_endpoint
         trained = dg.materialize(
             [*defs.assets, *defs.asset_checks],
             selection=dg.AssetSelection.assets("cell_table", "smear_flag_thresholds")
-            | dg.AssetSelection.assets(*[f"{TASK}_{stage}" for stage in ("dataset", "trained_model", "calibration", "model", "champion")]),
+            | dg.AssetSelection.assets(
+                *[f"{TASK}_{stage}" for stage in ("dataset", "trained_model", "calibration", "model", "champion")]
+            ),
             instance=instance,
             resources=resources,
             run_config={

@@ -71,7 +71,11 @@ def test_a_burst_of_imports_through_the_daemon_on_postgres_holds_every_limit(tmp
         assert _max_overlap([(record.start_time, record.end_time) for record in records]) <= MAX_CONCURRENT_RUNS
         steps = []
         for record in records:
-            times = {event.dagster_event.event_type_value: event.timestamp for event in instance.all_logs(record.dagster_run.run_id) if event.dagster_event}
+            times = {
+                event.dagster_event.event_type_value: event.timestamp
+                for event in instance.all_logs(record.dagster_run.run_id)
+                if event.dagster_event
+            }
             steps.append((times["STEP_START"], times["STEP_SUCCESS"]))
         assert _max_overlap(steps) <= POOL_SLOTS
         assert {record.dagster_run.tags["dagster/partition"] for record in records} == {

@@ -273,9 +273,7 @@ def test_finder_catches_a_reencoded_resized_copy_across_splits_only():
 
 def test_finder_matches_brute_force_across_blocks(monkeypatch):
     rng = np.random.default_rng(0)
-    hashes = rng.integers(0, 2**63, size=400, dtype=np.uint64) * np.uint64(2) + rng.integers(
-        0, 2, size=400, dtype=np.uint64
-    )
+    hashes = rng.integers(0, 2**63, size=400, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, size=400, dtype=np.uint64)
     # plant near copies: flip 0-5 random bits of 60 hashes
     for index in range(60):
         copy = int(hashes[index])
@@ -426,9 +424,7 @@ def test_manifest_is_written_idempotently_to_the_lake_and_the_warehouse(tmp_path
 
     stored = read_manifest(warehouse, built.dataset_version)
     assert len(stored) == len(built.manifest) == first.cell_count
-    pd.testing.assert_frame_equal(
-        stored.astype(str).reset_index(drop=True), built.manifest.astype(str).reset_index(drop=True)
-    )
+    pd.testing.assert_frame_equal(stored.astype(str).reset_index(drop=True), built.manifest.astype(str).reset_index(drop=True))
     parquet = read_manifest_parquet(store, "wbc4", built.dataset_version)
     pd.testing.assert_frame_equal(parquet, built.manifest)
     versions = warehouse.query("select * from dataset_versions")

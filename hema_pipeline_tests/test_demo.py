@@ -24,7 +24,11 @@ def test_demo_runs_the_whole_chain_from_nothing(tmp_path: Path) -> None:
     }
     completed = subprocess.run(
         [sys.executable, "-m", "hema_pipeline.cli", "demo"],  # the defaults, as `make demo` runs it
-        env=environment, capture_output=True, text=True, timeout=900, check=False,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     output = completed.stdout

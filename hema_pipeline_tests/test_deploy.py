@@ -60,7 +60,12 @@ def _submitted_job(tags: dict, name: str) -> dict:
     )
     serialised = {key: json.dumps(value) if not isinstance(value, str) else value for key, value in tags.items()}
     job = construct_dagster_k8s_job(
-        config, ["dagster", "api", "execute_run", "{}"], name, get_user_defined_k8s_config(serialised), pod_name=name, component="run_worker"
+        config,
+        ["dagster", "api", "execute_run", "{}"],
+        name,
+        get_user_defined_k8s_config(serialised),
+        pod_name=name,
+        component="run_worker",
     )
     return ApiClient().sanitize_for_serialization(job)
 
@@ -75,7 +80,9 @@ def _project_tag_sets() -> dict[str, dict]:
     return {name: {key: value for key, value in tags.items() if key == "dagster-k8s/config"} for name, tags in sets.items()}
 
 
-@pytest.mark.parametrize("name", ["job-import_smears", "job-predict_smears", "job-train_models", "automation-run", "training-step"])
+@pytest.mark.parametrize(
+    "name", ["job-import_smears", "job-predict_smears", "job-train_models", "automation-run", "training-step"]
+)
 def test_the_jobs_dagster_k8s_would_submit_are_valid_and_name_what_deploy_creates(name):
     tags = _project_tag_sets()[name]
     assert tags, f"{name} carries no dagster-k8s/config tag: its pod would get the launcher's defaults"
@@ -197,7 +204,9 @@ def test_helm_values_name_the_project_locations_and_secrets():
 
     assert env_of(deployments["hema-ingest"])["HEMA_CODE_LOCATION"] == "ingest"
     assert env_of(deployments["hema-ml"])["HEMA_CODE_LOCATION"] == "ml"
-    secrets = {name: {s["name"] if isinstance(s, dict) else s for s in d.get("envSecrets", [])} for name, d in deployments.items()}
+    secrets = {
+        name: {s["name"] if isinstance(s, dict) else s for s in d.get("envSecrets", [])} for name, d in deployments.items()
+    }
     assert "hema-pseudonym-key" in secrets["hema-ingest"] and "hema-pseudonym-key" not in secrets["hema-ml"]
     assert "hema-inbox-credentials" not in secrets["hema-ml"]
     assert values["postgresql"]["enabled"] is False
@@ -205,5 +214,7 @@ def test_helm_values_name_the_project_locations_and_secrets():
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     declared = set(_by_kind("Secret")) | set(_by_kind("ConfigMap"))
     for deployment in deployments.values():
-        for name in secrets[deployment["name"]] | {c["name"] if isinstance(c, dict) else c for c in deployment.get("envConfigMaps", [])}:
+        for name in secrets[deployment["name"]] | {
+            c["name"] if isinstance(c, dict) else c for c in deployment.get("envConfigMaps", [])
+        }:
             assert name in declared, f"{deployment['name']} uses {name}, which deploy/kubernetes does not declare"

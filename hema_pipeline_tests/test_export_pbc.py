@@ -23,8 +23,14 @@ from hema_pipeline_tests.conftest import require_pbc
 
 PER_CLASS = 6
 PREFIXES = {
-    "basophil": "BA", "eosinophil": "EO", "erythroblast": "ERB", "ig": "MY", "lymphocyte": "LY",
-    "monocyte": "MO", "neutrophil": "SNE", "platelet": "PLATELET",
+    "basophil": "BA",
+    "eosinophil": "EO",
+    "erythroblast": "ERB",
+    "ig": "MY",
+    "lymphocyte": "LY",
+    "monocyte": "MO",
+    "neutrophil": "SNE",
+    "platelet": "PLATELET",
 }
 
 
@@ -139,7 +145,10 @@ def test_caps_and_class_selection(fake_pbc, tmp_path):
 
     limited = export_pbc_as_smears(fake_pbc, tmp_path / "limited", PbcExportSpec(cells_per_smear=8, max_smears=2))
     assert len(limited.smears) == 2
-    assert all(collections.Counter(smear.true_classes.values()) == {label: 1 for label in PBC_FOLDER_TO_CLASS.values()} for smear in limited.smears)
+    assert all(
+        collections.Counter(smear.true_classes.values()) == {label: 1 for label in PBC_FOLDER_TO_CLASS.values()}
+        for smear in limited.smears
+    )
 
 
 def test_phi_is_planted_in_names_and_metadata(fake_pbc, tmp_path):

@@ -140,7 +140,9 @@ def test_dysplastic_and_malignant_smears_differ_from_healthy_ones(tmp_path):
 def test_verified_share_is_respected_and_does_not_change_the_images(tmp_path):
     by_share = {}
     for share in (0.0, 0.25, 1.0):
-        export = generate_export(tmp_path / str(share), SyntheticExportSpec(smears=2, cells_per_smear=20, seed=9, verified_share=share))
+        export = generate_export(
+            tmp_path / str(share), SyntheticExportSpec(smears=2, cells_per_smear=20, seed=9, verified_share=share)
+        )
         verified = []
         for smear in export.smears:
             cells = parse_smear_metadata((smear.folder / METADATA_FILE_NAME).read_bytes()).cells
@@ -149,7 +151,9 @@ def test_verified_share_is_respected_and_does_not_change_the_images(tmp_path):
     assert by_share[0.0][0] == [0, 0]
     assert by_share[0.25][0] == [5, 5]
     assert by_share[1.0][0] == [20, 20]
-    images = [{name: data for name, data in _files(export.root).items() if name.endswith(".jpg")} for _, export in by_share.values()]
+    images = [
+        {name: data for name, data in _files(export.root).items() if name.endswith(".jpg")} for _, export in by_share.values()
+    ]
     assert images[0] == images[1] == images[2]
 
 

@@ -70,7 +70,9 @@ def test_a_handle_stored_by_an_earlier_version_still_loads():
         '{"handle": "DatasetHandle", "value": {"classes": ["eosinophil", "neutrophil"], "config_json": "{}", '
         '"dataset_version": "abc123", "manifest_key": "datasets/wbc4/abc123/manifest.parquet", "task": "wbc4"}}'
     )
-    assert decode_handle(stored) == DatasetHandle("abc123", "wbc4", ("eosinophil", "neutrophil"), "datasets/wbc4/abc123/manifest.parquet", "{}")
+    assert decode_handle(stored) == DatasetHandle(
+        "abc123", "wbc4", ("eosinophil", "neutrophil"), "datasets/wbc4/abc123/manifest.parquet", "{}"
+    )
 
 
 def test_unknown_types_and_fields_are_refused_with_a_reason():

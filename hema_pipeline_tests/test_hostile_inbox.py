@@ -86,7 +86,9 @@ def test_unreadable_cell_file_is_quarantined_and_its_path_reaches_no_log(pipelin
     _assert_no_phi(pipeline_env, export.phi_strings())
 
 
-def test_metadata_that_cannot_be_read_quarantines_the_smear_and_not_the_others(pipeline_env, dagster_instance, export, monkeypatch):
+def test_metadata_that_cannot_be_read_quarantines_the_smear_and_not_the_others(
+    pipeline_env, dagster_instance, export, monkeypatch
+):
     original = LocalObjectStore.get_bytes
     target = export.smears[1].folder.name
 
@@ -230,7 +232,9 @@ def test_reexport_is_authoritative_for_patient_labels_and_deletions(pipeline_env
     document["patient"]["record_number"] = corrected
     deleted = document["cells"].pop()
     (folder / deleted["image"]).unlink()
-    document["cells"][0]["verified_class"] = "lymphocyte" if document["cells"][0]["verified_class"] != "lymphocyte" else "monocyte"
+    document["cells"][0]["verified_class"] = (
+        "lymphocyte" if document["cells"][0]["verified_class"] != "lymphocyte" else "monocyte"
+    )
     _write_document(folder, document)
 
     result = materialise_smear(pipeline_env, dagster_instance, folder.name)
@@ -360,7 +364,9 @@ def test_sensor_cursor_does_not_skip_a_smear_changed_in_the_cursor_second(pipeli
     moved = late.smears[0].folder.rename(pipeline_env.inbox / late.smears[0].folder.name)
     for path in [moved, *moved.iterdir()]:
         os.utime(path, (cursor, cursor))
-    with dg.build_sensor_context(instance=dagster_instance, cursor=first.cursor, resources=sensor_resources(pipeline_env)) as context:
+    with dg.build_sensor_context(
+        instance=dagster_instance, cursor=first.cursor, resources=sensor_resources(pipeline_env)
+    ) as context:
         second = inbox_sensor(context)
     assert TEST_KEY.smear_id(moved.name) in {request.partition_key for request in second.run_requests}
 

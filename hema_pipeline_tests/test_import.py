@@ -144,7 +144,11 @@ def test_partition_without_inbox_folder_fails_clearly(pipeline_env, dagster_inst
 
     dagster_instance.add_dynamic_partitions(smear_partitions.name, ["Sdeadbeef"])
     result = dg.materialize(
-        [imported_smear], partition_key="Sdeadbeef", resources=pipeline_env.resources(), instance=dagster_instance, raise_on_error=False
+        [imported_smear],
+        partition_key="Sdeadbeef",
+        resources=pipeline_env.resources(),
+        instance=dagster_instance,
+        raise_on_error=False,
     )
     assert not result.success
     failure = result.get_step_failure_events()[0]

@@ -60,7 +60,9 @@ def test_imported_exports_move_to_the_archive_and_reruns_read_them_there(pipelin
     assert len(imported) == 18
 
     # An emptied inbox costs the sensor nothing and requests nothing.
-    with dg.build_sensor_context(instance=dagster_instance, resources={k: resources[k] for k in ("inbox", "pseudonyms", "warehouse")}) as context:
+    with dg.build_sensor_context(
+        instance=dagster_instance, resources={k: resources[k] for k in ("inbox", "pseudonyms", "warehouse")}
+    ) as context:
         assert inbox_sensor(context).run_requests == []
 
     # A re-run of one partition imports the archived export: same rows, nothing duplicated.
@@ -134,7 +136,13 @@ def test_a_move_cut_short_never_withdraws_stored_cells(pipeline_env, dagster_ins
     target = open_object_store(str(pipeline_env.home / "other_filesystem"), private=True)
     # Force the copy path (a different store type on each side, as with S3).
     with pytest.raises(OSError, match="killed"):
-        move_folder(source, smear.folder.name, _NotLocal(target), f"{smear_id}/v1/{smear.folder.name}", delete_first=f"{smear.folder.name}/{METADATA_FILE_NAME}")
+        move_folder(
+            source,
+            smear.folder.name,
+            _NotLocal(target),
+            f"{smear_id}/v1/{smear.folder.name}",
+            delete_first=f"{smear.folder.name}/{METADATA_FILE_NAME}",
+        )
     assert not (smear.folder / METADATA_FILE_NAME).exists()
     assert len(list(smear.folder.iterdir())) == 6 - 1  # the metadata and one image gone, five images left
 
@@ -171,10 +179,13 @@ def test_archive_on_s3_moves_every_object_and_reruns_read_it_back(pipeline_env, 
     assert list(inbox_store.list()) == []
     archive = open_object_store(f"s3://{bucket}/archive", endpoint_url=s3_endpoint)
     archived = sorted(info.key for info in archive.list(smear_id))
-    assert len(archived) == 6 and all(key.startswith(f"{smear_id}/{first['archive_version']}/{smear.folder.name}/") for key in archived)
-    assert archive.get_bytes(f"{smear_id}/{first['archive_version']}/{smear.folder.name}/{METADATA_FILE_NAME}") == (
-        smear.folder / METADATA_FILE_NAME
-    ).read_bytes()
+    assert len(archived) == 6 and all(
+        key.startswith(f"{smear_id}/{first['archive_version']}/{smear.folder.name}/") for key in archived
+    )
+    assert (
+        archive.get_bytes(f"{smear_id}/{first['archive_version']}/{smear.folder.name}/{METADATA_FILE_NAME}")
+        == (smear.folder / METADATA_FILE_NAME).read_bytes()
+    )
 
     rerun = import_metadata(_materialise(resources, dagster_instance, smear_id))
     assert (rerun["status"], rerun["export"]) == ("already_present", "already_archived")

@@ -196,7 +196,9 @@ def _primary(counts: dict[str, int], referred: int = 0):
 def test_a_normal_smear_raises_no_flags():
     primary = _primary({"neutrophil": 120, "lymphocyte": 60, "monocyte": 12, "eosinophil": 6, "basophil": 2}, referred=5)
     dysplasia = compute_differential(
-        predictions("dysplasia", "d1", {"neutrophil": 110, "hypogranulated_neutrophil": 10}, prefix="n"), "dysplasia", DYSPLASIA_CLASSES
+        predictions("dysplasia", "d1", {"neutrophil": 110, "hypogranulated_neutrophil": 10}, prefix="n"),
+        "dysplasia",
+        DYSPLASIA_CLASSES,
     )
     assert smear_flags(primary, [dysplasia]) == []
 
@@ -206,7 +208,9 @@ def test_flags_a_haematologist_acts_on():
         {"neutrophil": 50, "lymphocyte": 20, "monocyte": 5, "immature_granulocyte": 3, "erythroblast": 2}, referred=15
     )
     dysplasia = compute_differential(
-        predictions("dysplasia", "d1", {"neutrophil": 40, "hypogranulated_neutrophil": 10}, prefix="n"), "dysplasia", DYSPLASIA_CLASSES
+        predictions("dysplasia", "d1", {"neutrophil": 40, "hypogranulated_neutrophil": 10}, prefix="n"),
+        "dysplasia",
+        DYSPLASIA_CLASSES,
     )
     malignancy = compute_differential(
         predictions("lymph", "l1", {"lymphocyte": 18, "malignant_lymphocyte": 2}, prefix="l"),

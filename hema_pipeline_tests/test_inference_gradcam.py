@@ -150,6 +150,9 @@ def test_overlay_and_object_key():
     assert np.array_equal(cold, image)
     hot = overlay_heatmap(image, np.ones((3, 3), np.float32), opacity=1.0)
     assert hot.shape == image.shape and not np.array_equal(hot, image)
-    assert gradcam_object_key("pbc-0123456789ab", "S0123456789abcdef0123:42") == "gradcam/pbc-0123456789ab/S0123456789abcdef0123/42.png"
+    assert (
+        gradcam_object_key("pbc-0123456789ab", "S0123456789abcdef0123:42")
+        == "gradcam/pbc-0123456789ab/S0123456789abcdef0123/42.png"
+    )
     with pytest.raises(ValueError):
         gradcam_object_key("v1", "no-cell-number")

@@ -108,7 +108,9 @@ def test_referral_reasons_follow_the_card(primary_model):
     # Refer-all for lymphocytes (None, as JSON writes calibration.REFER_ALL) and an energy threshold the
     # grey cell exceeds: unfamiliar takes precedence over low confidence.
     grey_energy = float(frame["energy"][2])
-    refer_lymphocytes = card("pbc", PRIMARY, thresholds={"neutrophil": 0.5, "lymphocyte": None, "monocyte": 0.5}, ood=grey_energy - 0.01)
+    refer_lymphocytes = card(
+        "pbc", PRIMARY, thresholds={"neutrophil": 0.5, "lymphocyte": None, "monocyte": 0.5}, ood=grey_energy - 0.01
+    )
     frame = predict_images(images, CellClassifier(primary_model, refer_lymphocytes))
     assert frame["ood_score"].tolist() == frame["energy"].tolist()  # the card's threshold is on energy
     assert frame["referral_reason"].tolist() == [None, "low_confidence", "unfamiliar"]

@@ -19,8 +19,17 @@ SMEAR = "S" + "0a1b2c3d4e" * 2
 EIGHT = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte", "immature_granulocyte", "erythroblast", "platelet")
 CARDS = {
     "pbc8": PlainModelCard("pbc8", "pbc8-aaaa", EIGHT, 96, 1.3, {name: 0.7 for name in EIGHT} | {"basophil": None}, -4.5),
-    "dysplasia": PlainModelCard("dysplasia", "dys-bbbb", ("neutrophil", "hypogranulated_neutrophil"), 128, 1.1, {"neutrophil": 0.8, "hypogranulated_neutrophil": 0.9}),
-    "lymphoid": PlainModelCard("lymphoid", "lym-cccc", ("lymphocyte", "malignant_lymphocyte"), 128, 0.9, {"lymphocyte": 0.6, "malignant_lymphocyte": 0.6}),
+    "dysplasia": PlainModelCard(
+        "dysplasia",
+        "dys-bbbb",
+        ("neutrophil", "hypogranulated_neutrophil"),
+        128,
+        1.1,
+        {"neutrophil": 0.8, "hypogranulated_neutrophil": 0.9},
+    ),
+    "lymphoid": PlainModelCard(
+        "lymphoid", "lym-cccc", ("lymphocyte", "malignant_lymphocyte"), 128, 0.9, {"lymphocyte": 0.6, "malignant_lymphocyte": 0.6}
+    ),
 }
 ROUTES = thesis_routes("pbc8", "dysplasia", "lymphoid")
 CREATED = dt.datetime(2026, 11, 20, 9, 30)
@@ -69,11 +78,15 @@ def smear_predictions() -> pd.DataFrame:
     lymphoid += [(n, "lymphocyte", None) for n, _, _ in lymphocytes[1:]]
     # An older model's rows for the same smear must not change the report.
     stale = rows_for("pbc8", [(n, "platelet", None) for n, _, _ in primary]).assign(model_version="pbc8-old")
-    return pd.concat([rows_for("pbc8", primary), rows_for("dysplasia", dysplasia), rows_for("lymphoid", lymphoid), stale], ignore_index=True)
+    return pd.concat(
+        [rows_for("pbc8", primary), rows_for("dysplasia", dysplasia), rows_for("lymphoid", lymphoid), stale], ignore_index=True
+    )
 
 
 def build(settings: ReportSettings = ReportSettings(), analyser: dict[str, str] | None = None):
-    return build_smear_report(SMEAR, smear_predictions(), CARDS, "pbc8", ROUTES, analyser_classes=analyser, settings=settings, created_at=CREATED)
+    return build_smear_report(
+        SMEAR, smear_predictions(), CARDS, "pbc8", ROUTES, analyser_classes=analyser, settings=settings, created_at=CREATED
+    )
 
 
 def interval(count: int, total: int) -> str:
@@ -163,7 +176,9 @@ def test_only_pseudonymous_smears_and_their_own_cells():
 
 def test_text_from_cards_is_escaped_in_both_renderings():
     odd = dict(CARDS)
-    odd["lymphoid"] = PlainModelCard("lymphoid", "lym<b>|&", ("lymphocyte", "malignant_lymphocyte"), 128, 1.0, {"lymphocyte": 0.5, "malignant_lymphocyte": 0.5})
+    odd["lymphoid"] = PlainModelCard(
+        "lymphoid", "lym<b>|&", ("lymphocyte", "malignant_lymphocyte"), 128, 1.0, {"lymphocyte": 0.5, "malignant_lymphocyte": 0.5}
+    )
     predictions = smear_predictions()
     predictions.loc[predictions["task"] == "lymphoid", "model_version"] = "lym<b>|&"
     report = build_smear_report(SMEAR, predictions, odd, "pbc8", ROUTES, created_at=CREATED)

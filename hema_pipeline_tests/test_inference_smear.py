@@ -60,7 +60,9 @@ def classifiers() -> dict[str, CellClassifier]:
     dysplasia = colour_cnn(np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 12.0]]), np.array([0.0, -3.0]))
     return {
         "pbc": CellClassifier(primary, PlainModelCard("pbc", "pbc-v1", PRIMARY, SIZE, 1.0, {name: 0.6 for name in PRIMARY})),
-        "dysplasia": CellClassifier(dysplasia, PlainModelCard("dysplasia", "dys-v1", DYSPLASIA, SIZE, 1.0, {name: 0.6 for name in DYSPLASIA})),
+        "dysplasia": CellClassifier(
+            dysplasia, PlainModelCard("dysplasia", "dys-v1", DYSPLASIA, SIZE, 1.0, {name: 0.6 for name in DYSPLASIA})
+        ),
     }
 
 

@@ -48,12 +48,26 @@ CONSTRAINT_ERRORS = (duckdb.ConstraintException, psycopg2.IntegrityError)
 def insert_model(connection: duckdb.DuckDBPyConnection, model_version: str, task: str, dataset_version: str, status: str) -> None:
     """A models row with the columns the views read; other NOT NULL columns of the registry's table get
     neutral values of their type, so the test follows that table as it grows."""
-    values: dict[str, object] = {"model_version": model_version, "task": task, "dataset_version": dataset_version, "status": status}
+    values: dict[str, object] = {
+        "model_version": model_version,
+        "task": task,
+        "dataset_version": dataset_version,
+        "status": status,
+    }
     columns = connection.execute(
         "select column_name, data_type, is_nullable from information_schema.columns where table_name = 'models'"
     ).fetchall()
-    neutral = {"varchar": "x", "character varying": "x", "integer": 0, "bigint": 0, "double": 0.0, "double precision": 0.0,
-               "timestamp": dt.datetime(2026, 1, 1), "timestamp without time zone": dt.datetime(2026, 1, 1), "boolean": False}
+    neutral = {
+        "varchar": "x",
+        "character varying": "x",
+        "integer": 0,
+        "bigint": 0,
+        "double": 0.0,
+        "double precision": 0.0,
+        "timestamp": dt.datetime(2026, 1, 1),
+        "timestamp without time zone": dt.datetime(2026, 1, 1),
+        "boolean": False,
+    }
     for name, data_type, nullable in columns:
         if name not in values and nullable == "NO":
             values[name] = neutral[data_type.lower()]
@@ -77,11 +91,23 @@ def insert_smear(connection, smear_id: str, collected: dt.date, cells: dict[int,
     for number, (analyser, verified) in cells.items():
         connection.execute(
             "insert into cells values (?, ?, 'P0000000000000000000a', ?, ?, ?, 360, 363, ?, ?, ?, ?)",
-            [f"{smear_id}:{number}", smear_id, number, f"{number:064x}", f"images/{smear_id}/{number}.jpg", analyser, verified, run_id, now],
+            [
+                f"{smear_id}:{number}",
+                smear_id,
+                number,
+                f"{number:064x}",
+                f"images/{smear_id}/{number}.jpg",
+                analyser,
+                verified,
+                run_id,
+                now,
+            ],
         )
 
 
-def stage(smear_id: str, task: str, version: str, classes: tuple[str, ...], cells: dict[int, tuple[str, str | None]]) -> pd.DataFrame:
+def stage(
+    smear_id: str, task: str, version: str, classes: tuple[str, ...], cells: dict[int, tuple[str, str | None]]
+) -> pd.DataFrame:
     """Prediction-table rows: cell number -> (predicted class, referral reason or None)."""
     return pd.DataFrame(
         {
@@ -94,7 +120,10 @@ def stage(smear_id: str, task: str, version: str, classes: tuple[str, ...], cell
             "ood_score": -6.5,
             "accepted": [reason is None for _, reason in cells.values()],
             "referral_reason": pd.Series([reason for _, reason in cells.values()], dtype=object),
-            "probabilities": [{name: (0.96 if name == cell_class else 0.04 / (len(classes) - 1)) for name in classes} for cell_class, _ in cells.values()],
+            "probabilities": [
+                {name: (0.96 if name == cell_class else 0.04 / (len(classes) - 1)) for name in classes}
+                for cell_class, _ in cells.values()
+            ],
         }
     )
 
@@ -148,9 +177,19 @@ def warehouse(connection):
     # A challenger run later on the same smear: everything a monocyte. The champion's rows must count.
     a_pbc_v2 = stage(SMEAR_A, "pbc", "pbc-v2", PBC_CLASSES, {number: ("monocyte", None) for number in A_PBC_V1})
     a_dysplasia = stage(
-        SMEAR_A, "dysplasia", "dys-v1", DYSPLASIA_CLASSES, {n: ("neutrophil", None) for n in (1, 2, 3, 4)} | {5: ("hypogranulated_neutrophil", None)}
+        SMEAR_A,
+        "dysplasia",
+        "dys-v1",
+        DYSPLASIA_CLASSES,
+        {n: ("neutrophil", None) for n in (1, 2, 3, 4)} | {5: ("hypogranulated_neutrophil", None)},
     )
-    b_pbc_v2 = stage(SMEAR_B, "pbc", "pbc-v2", PBC_CLASSES, {1: ("neutrophil", None), 2: ("neutrophil", None), 3: ("neutrophil", None), 4: ("platelet", None)})
+    b_pbc_v2 = stage(
+        SMEAR_B,
+        "pbc",
+        "pbc-v2",
+        PBC_CLASSES,
+        {1: ("neutrophil", None), 2: ("neutrophil", None), 3: ("neutrophil", None), 4: ("platelet", None)},
+    )
     write_predictions(connection, prediction_records(pd.concat([a_pbc_v1, a_dysplasia]), SMEAR_A, "prun-1", champion_time))
     write_predictions(connection, prediction_records(a_pbc_v2, SMEAR_A, "prun-2", later))
     write_predictions(connection, prediction_records(b_pbc_v2, SMEAR_B, "prun-2", later))
@@ -167,14 +206,16 @@ def rounded(found: list[tuple], places: int = 4) -> list[tuple]:
 
 
 def test_differential_per_smear_uses_the_champion_and_counts_accepted_cells(warehouse):
-    differential = rounded(rows(
-        warehouse,
-        """select cell_class, cells, accepted_cells, referred_cells, total_cells,
+    differential = rounded(
+        rows(
+            warehouse,
+            """select cell_class, cells, accepted_cells, referred_cells, total_cells,
                   percent_of_accepted, is_leukocyte, per_100_leukocytes
            from differential_per_smear where smear_id = ? and task = 'pbc' and model_version = 'pbc-v1'
            order by cell_class""",
-        [SMEAR_A],
-    ))
+            [SMEAR_A],
+        )
+    )
     # 8 accepted cells (2 referred), 7 of them leukocytes.
     assert differential == [
         ("erythroblast", 1, 8, 2, 10, 12.5, False, round(100 / 7, 4)),
@@ -184,14 +225,18 @@ def test_differential_per_smear_uses_the_champion_and_counts_accepted_cells(ware
         ("platelet", 0, 8, 2, 10, 0.0, False, 0.0),
     ]
     # The later challenger run (pbc-v2) does not replace the champion's differential on smear A ...
-    assert rows(warehouse, "select distinct model_version from differential_per_smear where smear_id = ? and task = 'pbc'", [SMEAR_A]) == [("pbc-v1",)]
+    assert rows(
+        warehouse, "select distinct model_version from differential_per_smear where smear_id = ? and task = 'pbc'", [SMEAR_A]
+    ) == [("pbc-v1",)]
     # ... but where only it ran (smear B), its predictions are the current ones.
-    b = rounded(rows(
-        warehouse,
-        "select cell_class, cells, percent_of_accepted, per_100_leukocytes from differential_per_smear "
-        "where smear_id = ? and cells > 0 order by cell_class",
-        [SMEAR_B],
-    ))
+    b = rounded(
+        rows(
+            warehouse,
+            "select cell_class, cells, percent_of_accepted, per_100_leukocytes from differential_per_smear "
+            "where smear_id = ? and cells > 0 order by cell_class",
+            [SMEAR_B],
+        )
+    )
     assert b == [("neutrophil", 3, 75.0, 100.0), ("platelet", 1, 25.0, round(100 / 3, 4))]
     dysplasia = rows(
         warehouse,
@@ -207,7 +252,17 @@ def test_referral_queue_lists_unverified_referred_cells_with_their_images(wareho
     )
     # Cell 10 was referred too, but a technologist has verified it since.
     assert queue == [
-        (f"{SMEAR_A}:9", 9, "pbc", "pbc-v1", "monocyte", "low_confidence", f"gradcam/pbc-v1/{SMEAR_A}/9.png", f"images/{SMEAR_A}/9.jpg", "monocyte")
+        (
+            f"{SMEAR_A}:9",
+            9,
+            "pbc",
+            "pbc-v1",
+            "monocyte",
+            "low_confidence",
+            f"gradcam/pbc-v1/{SMEAR_A}/9.png",
+            f"images/{SMEAR_A}/9.jpg",
+            "monocyte",
+        )
     ]
 
 
@@ -300,7 +355,9 @@ def test_smear_reports_are_keyed_by_version(warehouse):
         (report.report_version, 10, 2, True, 0.123, "pbc-v1"),
         (stricter.report_version, 10, 2, False, 0.25, "pbc-v1"),
     ]
-    markdown, differential = rows(warehouse, "select markdown, differential from smear_reports where report_version = ?", [report.report_version])[0]
+    markdown, differential = rows(
+        warehouse, "select markdown, differential from smear_reports where report_version = ?", [report.report_version]
+    )[0]
     assert markdown == report.markdown()
     assert json.loads(differential)[0]["rows"][0]["class"] == "neutrophil"
 

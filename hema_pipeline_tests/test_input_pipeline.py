@@ -80,9 +80,7 @@ def test_evaluation_dataset_keeps_order_shapes_and_labels(labelled_images):
     assert seen_labels.tolist() == labels
     assert (dominant_channels(images) == np.asarray(labels)).all()
     # a second pass (from the cache) gives the same images
-    again = np.concatenate(
-        [batch[0].numpy() for batch in evaluation_dataset(paths, labels, image_size=SIZE, batch_size=16)]
-    )
+    again = np.concatenate([batch[0].numpy() for batch in evaluation_dataset(paths, labels, image_size=SIZE, batch_size=16)])
     assert np.array_equal(images, again)
 
 
@@ -94,9 +92,7 @@ def test_decode_resizes_large_and_small_jpegs(tmp_path):
         assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
         assert dominant_channels(image[None].astype(np.float32))[0] == label
     # area-averaged downscale: the resized picture matches a PIL box-filter downscale closely
-    reference = np.asarray(
-        Image.open(large).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32
-    )
+    reference = np.asarray(Image.open(large).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)
     ours = decode_and_resize_file(tf.constant(str(large)), SIZE).numpy().astype(np.float32)
     assert np.abs(ours - reference).mean() < 6.0
 
@@ -126,9 +122,9 @@ def test_cached_images_are_keyed_by_crop(labelled_images, tmp_path):
     paths, labels = labelled_images
     cache = tmp_path / "cache"
     whole = next(iter(evaluation_dataset(paths[:4], labels[:4], image_size=SIZE, cache_dir=cache)))[0].numpy()
-    cropped = next(
-        iter(evaluation_dataset(paths[:4], labels[:4], image_size=SIZE, cache_dir=cache, crop_fraction=0.5))
-    )[0].numpy()
+    cropped = next(iter(evaluation_dataset(paths[:4], labels[:4], image_size=SIZE, cache_dir=cache, crop_fraction=0.5)))[
+        0
+    ].numpy()
     assert not np.array_equal(whole, cropped)  # the second pass did not reuse the first one's cache file
 
 
@@ -149,9 +145,7 @@ def test_balanced_stream_draws_classes_equally_and_keeps_labels_with_images(labe
 
 def test_unbalanced_stream_follows_the_natural_frequencies(labelled_images):
     paths, labels = labelled_images
-    stream = training_stream(
-        paths, labels, num_classes=3, image_size=SIZE, batch_size=16, balance_classes=False, seed=3
-    )
+    stream = training_stream(paths, labels, num_classes=3, image_size=SIZE, batch_size=16, balance_classes=False, seed=3)
     drawn = np.concatenate([batch_labels.numpy() for _, batch_labels in stream.dataset.take(40)])
     shares = np.bincount(drawn, minlength=3) / len(drawn)
     assert np.abs(shares - np.array([48, 12, 6]) / 66).max() < 0.05, shares
@@ -182,8 +176,7 @@ def test_stream_is_reproducible_by_seed_and_augments(labelled_images):
 
 def _batch(labels: tuple[int, ...]) -> tf.Tensor:
     images = [
-        np.asarray(class_image(label, index).resize((SIZE, SIZE)), dtype=np.float32) / 255.0
-        for index, label in enumerate(labels)
+        np.asarray(class_image(label, index).resize((SIZE, SIZE)), dtype=np.float32) / 255.0 for index, label in enumerate(labels)
     ]
     return tf.constant(np.stack(images))
 
@@ -210,9 +203,7 @@ def test_rotation_shear_and_zoom_pivot_on_the_image_centre():
     centre = (SIZE - 1) / 2.0
     disc = ((xs - centre) ** 2 + (ys - centre) ** 2 <= 6.0**2).astype(np.float32)
     images = tf.constant(np.repeat(disc[None, :, :, None], 16, axis=0).repeat(3, axis=-1))
-    spin = replace(
-        AugmentationConfig.disabled(), rotation_degrees=180.0, shear_degrees=10.0, zoom=0.2, fill_mode="constant"
-    )
+    spin = replace(AugmentationConfig.disabled(), rotation_degrees=180.0, shear_degrees=10.0, zoom=0.2, fill_mode="constant")
     result = build_batch_augmenter(spin)(images, tf.constant([5, 6], tf.int64)).numpy()[..., 0]
     mass = result.sum(axis=(1, 2))
     centroid_x = (result * xs).sum(axis=(1, 2)) / mass

@@ -247,9 +247,7 @@ def test_too_small_or_too_poor_a_calibration_split_refers_every_cell():
     correct = np.ones(1000, dtype=bool)
     correct[:20] = False
     probabilities, labels = _cells(confidence, correct)
-    poor = fit_referral_policy(
-        probabilities, labels, ["a", "b"], referral_threshold_candidates(confidence, 1000, 0.995, 0.95)
-    )
+    poor = fit_referral_policy(probabilities, labels, ["a", "b"], referral_threshold_candidates(confidence, 1000, 0.995, 0.95))
     assert poor.guarantee is None and poor.thresholds == (REFER_ALL, REFER_ALL)
     assert poor.sources[0].startswith("refer all: not even the most confident cells")
     assert poor.to_dict()["thresholds"] == [None, None]  # JSON has no infinity
@@ -313,9 +311,7 @@ def test_mahalanobis_score_is_the_distance_to_the_nearest_class_and_flags_outlie
     features = centres[labels] + rng.normal(0, 1, (800, dims)) * np.linspace(0.5, 2.0, dims)
     scorer = MahalanobisScorer.fit(features, labels, num_classes=3)  # class 2 has no training cells
     probe = np.array([[0.5, -0.5, 0.2, 0.0, 1.0, -1.0], [20.0, -20.0, 20.0, -20.0, 20.0, -20.0]])
-    by_hand = [
-        min(float((x - mean) @ scorer.precision @ (x - mean)) for mean in scorer.class_means[:2]) for x in probe
-    ]
+    by_hand = [min(float((x - mean) @ scorer.precision @ (x - mean)) for mean in scorer.class_means[:2]) for x in probe]
     np.testing.assert_allclose(scorer.score(probe), by_hand, rtol=1e-9)
 
     known = scorer.score(features)

@@ -65,8 +65,10 @@ def _card(
     probabilities = softmax(logits, temperature)
     candidates = referral_threshold_candidates(probabilities.max(axis=1), len(labels), 0.9, 0.9)
     referral = fit_referral_policy(probabilities, labels, CLASSES, candidates, target_accuracy=0.9, confidence=0.9)
-    threshold = fit_ood_threshold(energy_score(logits), "energy") if ood == "energy" else fit_ood_threshold(
-        np.linspace(0, 10, 50), "mahalanobis"
+    threshold = (
+        fit_ood_threshold(energy_score(logits), "energy")
+        if ood == "energy"
+        else fit_ood_threshold(np.linspace(0, 10, 50), "mahalanobis")
     )
     return draft_model_card(
         task=task,

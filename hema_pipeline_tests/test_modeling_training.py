@@ -284,8 +284,11 @@ def test_eight_view_outputs_do_not_depend_on_the_cells_orientation(trained: Trai
     np.testing.assert_allclose(both[0].features, both[1].features, atol=1e-4)
     # the mean of the views, computed by hand
     by_hand = np.mean(
-        [predict_outputs(trained.model, np.rot90(flipped, turns, axes=(1, 2)).copy()).logits
-         for flipped in (images, np.swapaxes(images, 1, 2)) for turns in range(4)],
+        [
+            predict_outputs(trained.model, np.rot90(flipped, turns, axes=(1, 2)).copy()).logits
+            for flipped in (images, np.swapaxes(images, 1, 2))
+            for turns in range(4)
+        ],
         axis=0,
     )
     np.testing.assert_allclose(both[0].logits, by_hand, atol=1e-4)
@@ -298,7 +301,13 @@ def test_mixed_precision_path_trains_with_float32_logits(tmp_path: Path):
     unbatched = tf.data.Dataset.from_tensor_slices(squares(32, 5))
     progress: list[str] = []
     result = train_model(
-        TINY, config, unbatched, dataset(*squares(16, 6)), CLASSES, tmp_path, class_weights=balanced_class_weights([3, 1]),
+        TINY,
+        config,
+        unbatched,
+        dataset(*squares(16, 6)),
+        CLASSES,
+        tmp_path,
+        class_weights=balanced_class_weights([3, 1]),
         progress=progress.append,
     )
     assert result.mixed_precision and result.device == "CPU" and result.epochs_run == 2
@@ -367,8 +376,12 @@ def test_the_whole_chain_from_training_to_a_reloaded_champion(trained: TrainingR
         softmax(train_outputs.logits, temperature).max(axis=1), len(calibration_outputs.labels), 0.95, 0.9
     )
     referral = fit_referral_policy(
-        softmax(calibration_outputs.logits, temperature), calibration_outputs.labels, CLASSES, candidates,
-        target_accuracy=0.95, confidence=0.9,
+        softmax(calibration_outputs.logits, temperature),
+        calibration_outputs.labels,
+        CLASSES,
+        candidates,
+        target_accuracy=0.95,
+        confidence=0.9,
     )
     assert referral.guarantee is not None
     scorer = MahalanobisScorer.fit(train_outputs.features, train_outputs.labels, num_classes=2)
@@ -402,8 +415,11 @@ def test_the_whole_chain_from_training_to_a_reloaded_champion(trained: TrainingR
     # What inference will do with the card: triage test cells, and flag images unlike any training cell.
     restored_scorer = MahalanobisScorer.from_bytes(read_attachment(store, champion.card, MAHALANOBIS_ATTACHMENT))
     triage = triage_cells(
-        reloaded.logits, champion.card.temperature, champion.card.referral_policy(),
-        restored_scorer.score(reloaded.features), champion.card.ood_settings(),
+        reloaded.logits,
+        champion.card.temperature,
+        champion.card.referral_policy(),
+        restored_scorer.score(reloaded.features),
+        champion.card.ood_settings(),
     )
     assert (triage.decisions == "accepted").mean() > 0.5
     checkerboard = np.indices((SIZE, SIZE)).sum(axis=0) % 2 * 255.0

@@ -58,13 +58,22 @@ def test_list_and_show_read_the_registry_without_writing_it(registry, capsys):
 def test_promote_and_rollback_are_recorded_with_the_operators_reason(registry, capsys):
     warehouse, good, weaker = registry
     code, out, _ = _run(
-        capsys, "models", "promote", "wbc", weaker.model_version, "--reason", "clinical review of the refused model",
-        "--warehouse", str(warehouse.path),
+        capsys,
+        "models",
+        "promote",
+        "wbc",
+        weaker.model_version,
+        "--reason",
+        "clinical review of the refused model",
+        "--warehouse",
+        str(warehouse.path),
     )
     assert code == 0 and json.loads(out)["previous_champion"] == good.model_version
     assert current_champion(warehouse, "wbc") == weaker.model_version
 
-    code, _, err = _run(capsys, "models", "promote", "wbc", weaker.model_version, "--reason", "again", "--warehouse", str(warehouse.path))
+    code, _, err = _run(
+        capsys, "models", "promote", "wbc", weaker.model_version, "--reason", "again", "--warehouse", str(warehouse.path)
+    )
     assert code == 1 and "already the champion" in err
 
     code, out, _ = _run(capsys, "models", "rollback", "wbc", "--reason", "agreement dropped", "--warehouse", str(warehouse.path))
@@ -78,7 +87,9 @@ def test_promote_and_rollback_are_recorded_with_the_operators_reason(registry, c
 
     code, _, err = _run(capsys, "models", "rollback", "wbc", "--reason", "  ", "--warehouse", str(warehouse.path))
     assert code == 1 and "give a reason" in err
-    code, _, err = _run(capsys, "models", "promote", "pbc8", good.model_version, "--reason", "x", "--warehouse", str(warehouse.path))
+    code, _, err = _run(
+        capsys, "models", "promote", "pbc8", good.model_version, "--reason", "x", "--warehouse", str(warehouse.path)
+    )
     assert code == 1 and "no model" in err
 
 

@@ -49,7 +49,9 @@ def test_only_settled_smears_lose_their_partition_and_come_back_with_a_new_expor
 
     assert isinstance(_evaluate_retention(pipeline_env, dagster_instance, retention_days=0), dg.SkipReason)
     assert isinstance(_evaluate_retention(pipeline_env, dagster_instance, retention_days=30), dg.SkipReason)
-    assert len(_evaluate_retention(pipeline_env, dagster_instance, 14, limit=1).dynamic_partitions_requests[0].partition_keys) == 1
+    assert (
+        len(_evaluate_retention(pipeline_env, dagster_instance, 14, limit=1).dynamic_partitions_requests[0].partition_keys) == 1
+    )
 
     result = _evaluate_retention(pipeline_env, dagster_instance, retention_days=14)
     [request] = result.dynamic_partitions_requests
@@ -72,7 +74,9 @@ def test_only_settled_smears_lose_their_partition_and_come_back_with_a_new_expor
     assert predicted in {request.partition_key for request in tick.run_requests}
 
 
-def test_retention_sensor_is_in_the_ingest_location_and_reads_an_absent_warehouse_as_nothing_settled(pipeline_env, dagster_instance):
+def test_retention_sensor_is_in_the_ingest_location_and_reads_an_absent_warehouse_as_nothing_settled(
+    pipeline_env, dagster_instance
+):
     from hema_pipeline.defs.definitions import build_definitions
 
     ingest = build_definitions("ingest").get_repository_def()

@@ -71,7 +71,9 @@ def test_daemon_imports_a_hostile_inbox_and_nothing_identifying_reaches_dagster(
     _plant_faults(home, inbox, export)
     needles = [*export.phi_strings(), SECRET, STRAY, LATIN1_TAIL]
 
-    with running_dagster_dev(home, dagster_home, dagster_dev_environment(home, dagster_home), log_name="dagster-dev-phi.log") as server:
+    with running_dagster_dev(
+        home, dagster_home, dagster_dev_environment(home, dagster_home), log_name="dagster-dev-phi.log"
+    ) as server:
 
         def imports_done() -> list[dict] | None:
             runs = server.runs("import_smears")

@@ -310,8 +310,10 @@ def test_conversion_happens_once_per_file_and_store(tmp_path, monkeypatch):
     first, origin = pretrained.converted_weights("efficientnet_lite0", store)
     second, again = pretrained.converted_weights("efficientnet_lite0", store)
     assert calls == ["efficientnet_lite0"]
-    assert origin["cache_key"] == again["cache_key"] == (
-        f"pretrained/efficientnet_lite0/{origin['sha256']}.v{pretrained.CONVERSION_VERSION}.npz"
+    assert (
+        origin["cache_key"]
+        == again["cache_key"]
+        == (f"pretrained/efficientnet_lite0/{origin['sha256']}.v{pretrained.CONVERSION_VERSION}.npz")
     )
     assert store.exists(origin["cache_key"])
     assert (second.tensors_mapped, second.tensors_skipped) == (first.tensors_mapped, first.tensors_skipped)

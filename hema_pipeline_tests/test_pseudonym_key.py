@@ -276,7 +276,13 @@ def test_ensure_notes_smears_imported_before_the_scheme_was_kept(tmp_path):
         columns = connection.execute(
             "select column_name, data_type from duckdb_columns() where table_name = 'smears' and is_nullable = false"
         ).fetchall()
-        values = {"VARCHAR": "'x'", "INTEGER": "1", "BIGINT": "1", "DATE": "date '2026-01-01'", "TIMESTAMP": "timestamp '2026-01-01'"}
+        values = {
+            "VARCHAR": "'x'",
+            "INTEGER": "1",
+            "BIGINT": "1",
+            "DATE": "date '2026-01-01'",
+            "TIMESTAMP": "timestamp '2026-01-01'",
+        }
         for index in range(3):
             names = ", ".join(name for name, _ in columns)
             row = ", ".join(f"'S{index}'" if name == "smear_id" else values.get(kind, "'x'") for name, kind in columns)
@@ -384,7 +390,9 @@ def test_strict_and_digits_normalisations():
     assert normalise_record_number("MRN 0012345", RecordNumberNormalisation.DIGITS) == "12345"
 
 
-@pytest.mark.parametrize(("normalisation", "number"), [("compact", "-./_,"), ("compact", "\u200b"), ("digits", "MRN"), ("strict", "  ")])
+@pytest.mark.parametrize(
+    ("normalisation", "number"), [("compact", "-./_,"), ("compact", "\u200b"), ("digits", "MRN"), ("strict", "  ")]
+)
 def test_record_numbers_that_normalise_to_nothing_are_unusable_not_merged(normalisation, number):
     key = PseudonymKey(bytes.fromhex(KEY_HEX), normalisation)
     with pytest.raises(UnusableIdentifier) as raised:

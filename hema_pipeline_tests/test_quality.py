@@ -227,9 +227,7 @@ def test_class_minimums_name_the_short_classes_per_task():
     assert set(failures) == {"task pbc8"}  # mono_poly's polynuclear class still has neutrophils and eosinophils
     assert failures["task pbc8"].unexpected_examples == ("basophil: 0",)
 
-    strict = validate_cell_table(
-        cells, CellTableRules(min_verified_per_class=1000, tasks=("wbc4",)), groups=[CLASS_MINIMUMS]
-    )
+    strict = validate_cell_table(cells, CellTableRules(min_verified_per_class=1000, tasks=("wbc4",)), groups=[CLASS_MINIMUMS])
     [wbc4] = strict[CLASS_MINIMUMS].failures
     assert wbc4.unexpected_count == 4
 

@@ -27,8 +27,13 @@ from hema_pipeline.taxonomy import CELL_CLASSES
 from hema_pipeline_tests.support import TEST_KEY, materialise_smear
 
 
-def _evidence(new_verified: int = 0, champion: str | None = "pbc8-aaa", predictions: int = 0, referred: int = 0,
-              window_end: str | None = None) -> TaskEvidence:
+def _evidence(
+    new_verified: int = 0,
+    champion: str | None = "pbc8-aaa",
+    predictions: int = 0,
+    referred: int = 0,
+    window_end: str | None = None,
+) -> TaskEvidence:
     return TaskEvidence(
         task="pbc8",
         champion=champion,
@@ -108,8 +113,9 @@ def _train_pbc8(env, instance, selection, checks=None, seed: int = 1) -> dg.Exec
 def _import(env, instance, seed: int, smears: int) -> list[str]:
     export = generate_export(
         env.inbox,
-        SyntheticExportSpec(smears=smears, cells_per_smear=40, seed=seed, verified_share=1.0,
-                            class_mix={name: 1.0 for name in CELL_CLASSES}),
+        SyntheticExportSpec(
+            smears=smears, cells_per_smear=40, seed=seed, verified_share=1.0, class_mix={name: 1.0 for name in CELL_CLASSES}
+        ),
     )
     ids = []
     for smear in export.smears:
@@ -134,7 +140,10 @@ def test_retraining_sensor_fires_at_the_threshold_once_and_the_gate_decides(pipe
     env, instance = pipeline_env, dagster_instance
     warehouse = Warehouse(env.warehouse)
     _import(env, instance, seed=71, smears=8)
-    pbc8_chain = [dg.AssetKey(name) for name in ("cell_table", "pbc8_dataset", "pbc8_trained_model", "pbc8_calibration", "pbc8_model", "pbc8_champion")]
+    pbc8_chain = [
+        dg.AssetKey(name)
+        for name in ("cell_table", "pbc8_dataset", "pbc8_trained_model", "pbc8_calibration", "pbc8_model", "pbc8_champion")
+    ]
     assert _train_pbc8(env, instance, [*pbc8_chain, dg.AssetKey("smear_flag_thresholds")]).success
     with warehouse.connect(read_only=True) as connection:
         baseline = gather_evidence(connection, TASKS["pbc8"])
@@ -143,14 +152,17 @@ def test_retraining_sensor_fires_at_the_threshold_once_and_the_gate_decides(pipe
     # Two new smears of verified cells; the threshold is exactly what both bring (verified = true class here).
     arriving = generate_export(
         env.home / "arriving",
-        SyntheticExportSpec(smears=2, cells_per_smear=40, seed=72, verified_share=1.0,
-                            class_mix={name: 1.0 for name in CELL_CLASSES}),
+        SyntheticExportSpec(
+            smears=2, cells_per_smear=40, seed=72, verified_share=1.0, class_mix={name: 1.0 for name in CELL_CLASSES}
+        ),
     )
     pbc8_labels = set(TASKS["pbc8"].label_map)
     bringing = [sum(label in pbc8_labels for label in smear.true_classes.values()) for smear in arriving.smears]
     policy = RetrainingPolicyResource(
-        tasks=["pbc8"], min_new_verified_cells=baseline.new_verified_cells + sum(bringing),
-        max_referred_share=1.0, min_predictions_for_drift=10**9,
+        tasks=["pbc8"],
+        min_new_verified_cells=baseline.new_verified_cells + sum(bringing),
+        max_referred_share=1.0,
+        min_predictions_for_drift=10**9,
     )
     first_folder, second_folder = (smear.folder for smear in arriving.smears)
     first = [TEST_KEY.smear_id(first_folder.name)]
@@ -193,7 +205,9 @@ def test_retraining_sensor_fires_at_the_threshold_once_and_the_gate_decides(pipe
     ).iloc[0]
     assert shares.n > 0
     drift_policy = RetrainingPolicyResource(
-        tasks=["pbc8"], min_new_verified_cells=10**9, min_predictions_for_drift=int(shares.n),
+        tasks=["pbc8"],
+        min_new_verified_cells=10**9,
+        min_predictions_for_drift=int(shares.n),
         max_referred_share=max(float(shares.referred) - 0.01, 0.001),
     )
     [drift] = _evaluate(env, instance, at.cursor, drift_policy).run_requests

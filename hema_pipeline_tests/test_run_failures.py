@@ -27,8 +27,12 @@ def test_a_failed_import_run_is_recorded_once(pipeline_env, dagster_instance) ->
     env, instance = pipeline_env, dagster_instance
     instance.add_dynamic_partitions(smear_partitions.name, ["S0000000000000000000a"])  # no folder pseudonymises to it
     result = dg.materialize(
-        [imported_smear], partition_key="S0000000000000000000a", resources=env.resources(), instance=instance,
-        raise_on_error=False, tags={"hema/trigger": "inbox"},
+        [imported_smear],
+        partition_key="S0000000000000000000a",
+        resources=env.resources(),
+        instance=instance,
+        raise_on_error=False,
+        tags={"hema/trigger": "inbox"},
     )
     assert not result.success
 

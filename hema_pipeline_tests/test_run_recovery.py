@@ -166,8 +166,13 @@ def _wait_for_recovery(instance, scene: Scene, killed_run_id: str) -> dict[str, 
     killed = _wait_until(killed_run_failed, RECOVERY_TIMEOUT_S, f"the killed run {killed_run_id} to be ended", server, 0.5)
     timings["killed run ended"] = time.monotonic() - started
     assert killed.status == dg.DagsterRunStatus.FAILURE, f"the killed run ended {killed.status.value}, not FAILURE"
-    _wait_until(lambda: killed_run_id not in _slot_holders(instance), RECOVERY_TIMEOUT_S,
-                f"the monitoring daemon to free the {POOL} slot of the killed run", server, 0.5)
+    _wait_until(
+        lambda: killed_run_id not in _slot_holders(instance),
+        RECOVERY_TIMEOUT_S,
+        f"the monitoring daemon to free the {POOL} slot of the killed run",
+        server,
+        0.5,
+    )
     timings["slot freed"] = time.monotonic() - started
 
     def succeeded(smear_id: str, retry_of: str | None = None):
@@ -175,14 +180,21 @@ def _wait_for_recovery(instance, scene: Scene, killed_run_id: str) -> dict[str, 
             runs = [run for run in _runs_of(instance, smear_id) if retry_of is None or run.parent_run_id == retry_of]
             bad = [run for run in runs if run.status.value in ("FAILURE", "CANCELED") and run.run_id != killed_run_id]
             if bad:
-                raise AssertionError(f"import of {smear_id} ended {bad[0].status.value} (run {bad[0].run_id})\n{server.log_tail()}")
+                raise AssertionError(
+                    f"import of {smear_id} ended {bad[0].status.value} (run {bad[0].run_id})\n{server.log_tail()}"
+                )
             return next((run for run in runs if run.status == dg.DagsterRunStatus.SUCCESS), None)
+
         return check
 
     _wait_until(succeeded(scene.next_smear), IMPORT_TIMEOUT_S, f"the next smear {scene.next_smear} to be imported", server)
     timings["next smear imported"] = time.monotonic() - started
-    retry = _wait_until(succeeded(scene.killed_smear, retry_of=killed_run_id), IMPORT_TIMEOUT_S,
-                        f"the automatic retry of {killed_run_id} to import {scene.killed_smear}", server)
+    retry = _wait_until(
+        succeeded(scene.killed_smear, retry_of=killed_run_id),
+        IMPORT_TIMEOUT_S,
+        f"the automatic retry of {killed_run_id} to import {scene.killed_smear}",
+        server,
+    )
     timings["killed smear imported by its retry"] = time.monotonic() - started
     assert retry.tags.get("dagster/retry_number") == "1"
     assert not _slot_holders(instance) - {run.run_id for run in instance.get_runs() if not run.is_finished}
@@ -191,8 +203,13 @@ def _wait_for_recovery(instance, scene: Scene, killed_run_id: str) -> dict[str, 
     duplicates = warehouse.query("select cell_uid, count(*) as n from cells group by 1 having count(*) > 1")
     assert duplicates.empty, f"duplicate cells after the kill and the retry:\n{duplicates}"
     counts = warehouse.query("select smear_id, count(*) as n from cells group by smear_id")
-    assert dict(zip(counts["smear_id"], counts["n"], strict=True)) == {scene.killed_smear: KILLED_SMEAR_CELLS, scene.next_smear: NEXT_SMEAR_CELLS}
-    [smears] = warehouse.query("select count(*) as n from smears where smear_id in (?, ?)", [scene.killed_smear, scene.next_smear])["n"]
+    assert dict(zip(counts["smear_id"], counts["n"], strict=True)) == {
+        scene.killed_smear: KILLED_SMEAR_CELLS,
+        scene.next_smear: NEXT_SMEAR_CELLS,
+    }
+    [smears] = warehouse.query(
+        "select count(*) as n from smears where smear_id in (?, ?)", [scene.killed_smear, scene.next_smear]
+    )["n"]
     assert smears == 2
     return timings
 
@@ -210,8 +227,10 @@ def test_killed_import_run_frees_the_writer_slot_and_is_retried(tmp_path: Path) 
     inbox = home / "inbox"
     killed_smear = _drop_smear(home, inbox, seed=301, cells=KILLED_SMEAR_CELLS)
     environment = dagster_dev_environment(home, dagster_home, HEMA_INBOX_SENSOR_INTERVAL_SECONDS="2")
-    with running_dagster_dev(home, dagster_home, environment, log_name="dagster-dev-run-recovery.log") as server, \
-            dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+    with (
+        running_dagster_dev(home, dagster_home, environment, log_name="dagster-dev-run-recovery.log") as server,
+        dg.DagsterInstance.from_config(str(dagster_home)) as instance,
+    ):
         run, worker, step = _wait_for_step_in_progress(instance, server, killed_smear)
         assert run.run_id in _slot_holders(instance)
         _sigkill_run_processes(server, worker, step)
@@ -267,6 +286,8 @@ def _record_inbox_mentions(home: Path, inbox: Path, instance, run_id: str, serve
     needles = [str(inbox), *folders]
     events = "\n".join(f"{entry.message or ''} {entry.dagster_event!r}" for entry in instance.all_logs(run_id))
     logs = "\n".join(path.read_text(errors="replace") for path in home.glob("dagster-dev*.log"))
-    found = {where: sorted({needle for needle in needles if re.search(re.escape(needle), text)})
-             for where, text in (("killed run's event log", events), ("dagster dev log", logs))}
+    found = {
+        where: sorted({needle for needle in needles if re.search(re.escape(needle), text)})
+        for where, text in (("killed run's event log", events), ("dagster dev log", logs))
+    }
     print(f"\ninbox paths or folder names mentioned: {found}")

@@ -118,7 +118,9 @@ def train_a_champion_before_start(home: Path, dagster_home: Path, storage_resour
 
     earlier = generate_export(
         home / "earlier_export",
-        SyntheticExportSpec(smears=8, cells_per_smear=40, seed=71, verified_share=1.0, class_mix={name: 1.0 for name in CELL_CLASSES}),
+        SyntheticExportSpec(
+            smears=8, cells_per_smear=40, seed=71, verified_share=1.0, class_mix={name: 1.0 for name in CELL_CLASSES}
+        ),
     )
     resources = {
         "inbox": InboxResource(url=str(home / "earlier_export"), settle_seconds=0),
@@ -136,9 +138,18 @@ def train_a_champion_before_start(home: Path, dagster_home: Path, storage_resour
             "pbc8_trained_model": {"config": {"architecture": "compact", "epochs": 1}},
         }
     }
-    chain = {dg.AssetKey(name) for name in (
-        "cell_table", "pbc8_dataset", "pbc8_trained_model", "pbc8_calibration", "pbc8_model", "pbc8_champion", "smear_flag_thresholds",
-    )}
+    chain = {
+        dg.AssetKey(name)
+        for name in (
+            "cell_table",
+            "pbc8_dataset",
+            "pbc8_trained_model",
+            "pbc8_calibration",
+            "pbc8_model",
+            "pbc8_champion",
+            "smear_flag_thresholds",
+        )
+    }
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HEMA_HOME", str(home))
         patch.setenv("HEMA_PSEUDONYM_KEY", TEST_KEY_HEX)
@@ -146,11 +157,19 @@ def train_a_champion_before_start(home: Path, dagster_home: Path, storage_resour
         with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
             instance.add_dynamic_partitions("smears", smear_ids)
             for smear_id in smear_ids:
-                assert configured.resolve_job_def("import_smears").execute_in_process(instance=instance, partition_key=smear_id).success
+                assert (
+                    configured.resolve_job_def("import_smears")
+                    .execute_in_process(instance=instance, partition_key=smear_id)
+                    .success
+                )
             trained = configured.resolve_job_def("train_models").get_subset(asset_selection=chain)
             assert trained.execute_in_process(instance=instance, run_config=training).success
             for smear_id in smear_ids:
-                assert configured.resolve_job_def("predict_smears").execute_in_process(instance=instance, partition_key=smear_id).success
+                assert (
+                    configured.resolve_job_def("predict_smears")
+                    .execute_in_process(instance=instance, partition_key=smear_id)
+                    .success
+                )
 
 
 def dagster_dev_environment(home: Path, dagster_home: Path, **overrides: str) -> dict[str, str]:
@@ -352,9 +371,17 @@ def test_asset_graph_renders_in_headless_chromium(dagster_server: DagsterServer,
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1600,2000", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1600,2000",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)

@@ -67,7 +67,9 @@ def test_concurrent_imports_of_the_same_and_different_smears_lose_and_duplicate_
     runs = warehouse.query("select import_run_id from import_runs")
     assert len(runs) == PROCESSES * SMEARS and runs["import_run_id"].is_unique
     smears = warehouse.query("select smear_id, cell_count from smears order by smear_id")
-    assert len(smears) == SMEARS and sorted(smears["cell_count"]) == sorted([CELLS_PER_SMEAR] * (SMEARS - 1) + [CELLS_PER_SMEAR - 1])
+    assert len(smears) == SMEARS and sorted(smears["cell_count"]) == sorted(
+        [CELLS_PER_SMEAR] * (SMEARS - 1) + [CELLS_PER_SMEAR - 1]
+    )
     quarantine = warehouse.query("select smear_id, reason_code, resolved_by_import_run_id from quarantine")
     assert len(quarantine) == 1
     assert quarantine.loc[0, "smear_id"] == TEST_KEY.smear_id(broken_smear.accession)
@@ -83,13 +85,18 @@ def reader_url(postgres_database: str) -> str:
             "insert into quarantine (quarantine_id, smear_id, cell_id, reason_code, reason, import_run_id, quarantined_at) "
             "values ('q1', 'Sabc', 3, 'corrupt_image', 'not a JPEG', 'r1', timestamp '2026-03-01 10:00:00')"
         )
-        cursor.execute("do $$ begin if not exists (select from pg_roles where rolname = 'hema_reader') then create role hema_reader login; end if; end $$")
+        cursor.execute(
+            "do $$ begin if not exists (select from pg_roles where rolname = 'hema_reader') then create role hema_reader login; end if; end $$"
+        )
         cursor.execute("grant select on all tables in schema public to hema_reader")
     return postgres_database.replace("postgres@", "hema_reader@", 1)
 
 
 def test_hema_query_reads_through_a_reader_role_and_cannot_write_or_read_files(reader_url, capsys):
-    assert main(["query", "--warehouse", reader_url, "--csv", "select reason_code, count(*) as n from open_quarantine group by 1"]) == 0
+    assert (
+        main(["query", "--warehouse", reader_url, "--csv", "select reason_code, count(*) as n from open_quarantine group by 1"])
+        == 0
+    )
     assert capsys.readouterr().out.splitlines() == ["reason_code,n", "corrupt_image,1"]
     for attempt in (
         "delete from quarantine",
@@ -110,14 +117,21 @@ def test_hema_query_refuses_a_superuser_role_and_a_role_that_can_write(postgres_
     assert "superuser" in capsys.readouterr().err
     # The warehouse's own writer (what HEMA_WAREHOUSE names) could undo the read-only session and write.
     with psycopg2.connect(postgres_database) as admin, admin.cursor() as cursor:
-        cursor.execute("do $$ begin if not exists (select from pg_roles where rolname = 'hema_writer') then create role hema_writer login; end if; end $$")
+        cursor.execute(
+            "do $$ begin if not exists (select from pg_roles where rolname = 'hema_writer') then create role hema_writer login; end if; end $$"
+        )
         cursor.execute("grant select, insert on all tables in schema public to hema_writer")
     writer = postgres_database.replace("postgres@", "hema_writer@", 1)
-    assert main(["query", "--warehouse", writer, "set session characteristics as transaction read write; delete from quarantine"]) == 2
+    assert (
+        main(["query", "--warehouse", writer, "set session characteristics as transaction read write; delete from quarantine"])
+        == 2
+    )
     assert "can write the warehouse" in capsys.readouterr().err
     # A role with no grants of its own that may SET ROLE to the writer is as powerful as the writer.
     with psycopg2.connect(postgres_database) as admin, admin.cursor() as cursor:
-        cursor.execute("do $$ begin if not exists (select from pg_roles where rolname = 'hema_sneak') then create role hema_sneak login noinherit; end if; end $$")
+        cursor.execute(
+            "do $$ begin if not exists (select from pg_roles where rolname = 'hema_sneak') then create role hema_sneak login noinherit; end if; end $$"
+        )
         cursor.execute("grant hema_writer to hema_sneak")
     sneak = postgres_database.replace("postgres@", "hema_sneak@", 1)
     assert main(["query", "--warehouse", sneak, "set role hema_writer; delete from quarantine"]) == 2

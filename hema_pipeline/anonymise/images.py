@@ -308,9 +308,7 @@ def _parse(data: bytes, max_pixels: int) -> _Parsed:
             position += 2  # TEM and a stray RSTn carry nothing; libjpeg ignores them too
             continue
         if marker in _UNSUPPORTED:
-            raise ImageRejected(
-                UNSUPPORTED_JPEG, "arithmetic-coded, lossless and hierarchical JPEG are not supported"
-            )
+            raise ImageRejected(UNSUPPORTED_JPEG, "arithmetic-coded, lossless and hierarchical JPEG are not supported")
         if position + 4 > length:
             raise _corrupt("JPEG truncated inside a segment header")
         segment_length = _u16(data, position + 2)
@@ -405,9 +403,7 @@ def _check_scans(parsed: _Parsed) -> None:
     v_max = max(component.v for component in components)
     mcus_x = -(-frame.width // (8 * h_max))
     mcus_y = -(-frame.height // (8 * v_max))
-    block_shape = [
-        (_block_count(frame.width, c.h, h_max), _block_count(frame.height, c.v, v_max)) for c in components
-    ]
+    block_shape = [(_block_count(frame.width, c.h, h_max), _block_count(frame.height, c.v, v_max)) for c in components]
     quant: set[int] = set()
     huffman: dict[tuple[int, int], _HuffmanTable] = {}
     restart_interval = 0
@@ -517,6 +513,7 @@ def _check_progression(scan: _Scan, coefficient_bits: list[list[int]]) -> None:
             if bits[k] != (ah if ah else -1):
                 raise _corrupt("progressive scans out of order")
             bits[k] = al
+
 
 # ---------------------------------------------------------------------------------------------------
 # Writing the new stream

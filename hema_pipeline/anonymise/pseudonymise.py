@@ -164,11 +164,11 @@ class RecordNumberNormalisation(enum.StrEnum):
         return normalised
 
 
-def normalise_record_number(
-    record_number: str, normalisation: RecordNumberNormalisation | str | None = None
-) -> str:
+def normalise_record_number(record_number: str, normalisation: RecordNumberNormalisation | str | None = None) -> str:
     """``record_number`` as it is hashed; ``normalisation`` ``None`` = ``HEMA_RECORD_NUMBER_NORMALISATION``."""
-    chosen = RecordNumberNormalisation.from_environment() if normalisation is None else RecordNumberNormalisation.parse(normalisation)
+    chosen = (
+        RecordNumberNormalisation.from_environment() if normalisation is None else RecordNumberNormalisation.parse(normalisation)
+    )
     return chosen.apply(record_number)
 
 
@@ -229,12 +229,8 @@ class PseudonymKey:
         if not isinstance(self.secret, bytes):
             raise InvalidPseudonymKey("the pseudonymisation key must be bytes")
         if len(self.secret) < MIN_KEY_BYTES:
-            raise InvalidPseudonymKey(
-                f"the pseudonymisation key must be at least {MIN_KEY_BYTES} bytes (got {len(self.secret)})"
-            )
-        object.__setattr__(
-            self, "record_number_normalisation", RecordNumberNormalisation.parse(self.record_number_normalisation)
-        )
+            raise InvalidPseudonymKey(f"the pseudonymisation key must be at least {MIN_KEY_BYTES} bytes (got {len(self.secret)})")
+        object.__setattr__(self, "record_number_normalisation", RecordNumberNormalisation.parse(self.record_number_normalisation))
 
     def pseudonym(self, namespace: str, value: str) -> str:
         """HMAC of ``value`` (stripped, otherwise as given) in ``namespace``; accepts surrogate escapes."""
@@ -369,7 +365,9 @@ def load_pseudonym_key(
     is created (0600) with a random key; outside demo mode a missing key is an error, never a silent
     default. ``normalisation`` ``None`` = HEMA_RECORD_NUMBER_NORMALISATION (default ``compact``).
     Raises ``MissingPseudonymKey``, ``InvalidPseudonymKey`` or ``InvalidRecordNumberNormalisation``."""
-    chosen = RecordNumberNormalisation.from_environment() if normalisation is None else RecordNumberNormalisation.parse(normalisation)
+    chosen = (
+        RecordNumberNormalisation.from_environment() if normalisation is None else RecordNumberNormalisation.parse(normalisation)
+    )
     if secret is not None and secret.strip():
         return PseudonymKey(parse_hex_key(secret, "HEMA_PSEUDONYM_KEY"), chosen)
     if key_file and key_file.strip():

@@ -79,9 +79,7 @@ class AugmentationConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"augmentation {name} must not be negative")
         if self.zoom >= 1 or self.contrast >= 1 or self.saturation >= 1:
-            raise ValueError(
-                "zoom, contrast and saturation ranges must be below 1 (a factor of 0 or less destroys the image)"
-            )
+            raise ValueError("zoom, contrast and saturation ranges must be below 1 (a factor of 0 or less destroys the image)")
         if self.hue > 0.5 or self.shear_degrees >= 90:
             raise ValueError("hue must be at most 0.5 and shear below 90 degrees")
         if self.fill_mode not in ("reflect", "nearest", "constant", "wrap"):
@@ -208,9 +206,7 @@ def build_batch_augmenter(config: AugmentationConfig) -> Callable[[tf.Tensor, tf
             scale = 1.0 + _uniform([batch], seeds[3], config.saturation)
             cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
             ones, zeros = tf.ones([batch]), tf.zeros([batch])
-            chroma = tf.reshape(
-                tf.stack([ones, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], axis=1), [batch, 3, 3]
-            )
+            chroma = tf.reshape(tf.stack([ones, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], axis=1), [batch, 3, 3])
             mixing = tf.matmul(tf.matmul(yiq_to_rgb[None], chroma), rgb_to_yiq[None])
             images = tf.einsum("bhwc,bdc->bhwd", images, mixing)
         return images

@@ -278,9 +278,7 @@ def training_stream(
                 .repeat()
             )
         weights = [1.0 / len(per_class)] * len(per_class)
-        images = tf.data.Dataset.sample_from_datasets(
-            per_class, weights=weights, seed=seed, rerandomize_each_iteration=True
-        )
+        images = tf.data.Dataset.sample_from_datasets(per_class, weights=weights, seed=seed, rerandomize_each_iteration=True)
     else:
         images = (
             _decoded_images(path_list, label_array, image_size, crop_fraction, True, cache_path, "train")

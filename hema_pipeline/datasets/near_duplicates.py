@@ -224,9 +224,12 @@ def cross_split_near_duplicates_in_manifest(
     confirming_method: HashMethod = "dhash" if method == "phash" else "phash"
     key_by_cell = dict(zip(manifest["cell_uid"], manifest["image_key"], strict=True))
     cells = sorted(set(pairs["cell_uid_a"]) | set(pairs["cell_uid_b"]))
-    confirming = dict(zip(cells, hash_stored_images(store, [key_by_cell[cell] for cell in cells], confirming_method), strict=True))
+    confirming = dict(
+        zip(cells, hash_stored_images(store, [key_by_cell[cell] for cell in cells], confirming_method), strict=True)
+    )
     distances = [
-        int(np.bitwise_count(confirming[a] ^ confirming[b])) for a, b in zip(pairs["cell_uid_a"], pairs["cell_uid_b"], strict=True)
+        int(np.bitwise_count(confirming[a] ^ confirming[b]))
+        for a, b in zip(pairs["cell_uid_a"], pairs["cell_uid_b"], strict=True)
     ]
     return pairs[np.asarray(distances) <= confirm_max_distance].reset_index(drop=True)
 

@@ -82,10 +82,7 @@ class PatientSplit:
 
     def report(self) -> dict[str, dict[str, int]]:
         """Plain nested dict, split -> class -> cells, for logs and metadata."""
-        return {
-            split: {str(label): int(count) for label, count in row.items()}
-            for split, row in self.class_counts.iterrows()
-        }
+        return {split: {str(label): int(count) for label, count in row.items()} for split, row in self.class_counts.iterrows()}
 
 
 # Greedy passes from different patient orders; the assignment with the lowest shortfall wins.
@@ -145,9 +142,7 @@ class _Placement:
                 if np.count_nonzero(self.split_of == current) <= 1:
                     continue
                 cells = self.counts[patient]
-                removal = (
-                    (cells**2 - 2.0 * cells * (self.assigned[current] - self.targets[current])) * self.class_weights
-                ).sum()
+                removal = ((cells**2 - 2.0 * cells * (self.assigned[current] - self.targets[current])) * self.class_weights).sum()
                 change = removal + self.growth_if_added(patient)
                 change[current] = 0.0
                 best = int(np.argmin(change))
@@ -211,8 +206,7 @@ def split_by_patient(
     open_split_count = int(np.count_nonzero(fraction_array > 0))
     if len(patient_ids) < open_split_count:
         raise ValueError(
-            f"{len(patient_ids)} patients cannot fill {open_split_count} splits: "
-            "a patient's cells never straddle splits"
+            f"{len(patient_ids)} patients cannot fill {open_split_count} splits: a patient's cells never straddle splits"
         )
     if class_order is not None:
         unknown = sorted(set(present_labels) - set(class_order))

@@ -177,9 +177,7 @@ NEUTROPHIL_DYSPLASIA: Final = Task(
     description="Normal versus hypogranulated (dysplastic) neutrophils.",
 )
 
-TASKS: Final[dict[str, Task]] = {
-    task.name: task for task in (PBC8, WBC4, MONO_POLY, LYMPHOCYTE_MALIGNANCY, NEUTROPHIL_DYSPLASIA)
-}
+TASKS: Final[dict[str, Task]] = {task.name: task for task in (PBC8, WBC4, MONO_POLY, LYMPHOCYTE_MALIGNANCY, NEUTROPHIL_DYSPLASIA)}
 
 
 def get_task(name: str) -> Task:

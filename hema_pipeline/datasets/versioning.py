@@ -238,9 +238,7 @@ def write_dataset(
 def read_manifest(warehouse: Warehouse, version: str) -> pd.DataFrame:
     """The manifest of one dataset version from the warehouse, in cell_uid order (empty if unknown)."""
     columns = ", ".join(MANIFEST_COLUMNS)
-    return warehouse.query(
-        f"select {columns} from dataset_manifests where dataset_version = ? order by cell_uid", [version]
-    )
+    return warehouse.query(f"select {columns} from dataset_manifests where dataset_version = ? order by cell_uid", [version])
 
 
 def read_manifest_parquet(store: ObjectStore, task: str, version: str) -> pd.DataFrame:

@@ -58,7 +58,9 @@ def retraining_selection(task_name: str) -> tuple[list[dg.AssetKey], list[dg.Ass
     """A fresh cell-table snapshot, the task's dataset and model chain, and the checks that guard them."""
     assets = [cell_table.key, dataset_asset_key(task_name), *[dg.AssetKey(f"{task_name}_{stage}") for stage in MODEL_STAGES]]
     guarded = {cell_table.key, dataset_asset_key(task_name)}
-    checks = [key for definition in (*cell_table_checks, *dataset_checks) for key in definition.check_keys if key.asset_key in guarded]
+    checks = [
+        key for definition in (*cell_table_checks, *dataset_checks) for key in definition.check_keys if key.asset_key in guarded
+    ]
     return assets, checks
 
 

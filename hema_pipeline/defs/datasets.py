@@ -118,9 +118,7 @@ def build_dataset_asset(task_name: str) -> dg.AssetsDefinition:
         cells = cell_table.load(lake)
         candidates = task.select_rows(cells)
         with warehouse.warehouse().connect() as connection:
-            duplicate_pairs = near_duplicates_across_patients(
-                connection, lake, candidates, config.near_duplicate_max_distance
-            )
+            duplicate_pairs = near_duplicates_across_patients(connection, lake, candidates, config.near_duplicate_max_distance)
         dropped = cells_to_drop_for_near_duplicates(duplicate_pairs)
         if dropped:
             context.log.warning(f"{task_name}: dropped {len(dropped)} near-duplicate image(s) shared across patients")

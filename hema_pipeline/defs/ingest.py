@@ -1,7 +1,6 @@
 """Import stage: one dynamic partition per smear (keyed by the smear pseudonym), the inbox sensor and the
 nightly sweep."""
 
-
 import datetime as dt
 import json
 import time
@@ -71,7 +70,12 @@ def imported_smear(
             if located is None:
                 raise ContainedError(f"no folder in the inbox or its archive pseudonymises to smear {smear_id}; was it removed?")
             report = import_smear(
-                located.store, located.smear, key, import_targets(storage, warehouse), context.run_id, ImportLimits.from_settings()
+                located.store,
+                located.smear,
+                key,
+                import_targets(storage, warehouse),
+                context.run_id,
+                ImportLimits.from_settings(),
             )
             archive = source.archive_imported(located, smear_id)
     except (PseudonymConfigError, ContainedError) as error:
@@ -82,9 +86,7 @@ def imported_smear(
         counts = ", ".join(f"{count} {code}" for code, count in report.quarantine_counts.items())
         examples = "; ".join(report.quarantine_reasons[:MAX_LOGGED_REASONS])
         more = len(report.quarantined) - MAX_LOGGED_REASONS
-        context.log.warning(
-            f"smear {smear_id} quarantined {counts}: {examples}" + (f"; and {more} more" if more > 0 else "")
-        )
+        context.log.warning(f"smear {smear_id} quarantined {counts}: {examples}" + (f"; and {more} more" if more > 0 else ""))
     context.log.info(
         f"smear {smear_id}: {report.status}; {report.cells_imported} imported ({report.cells_updated} of them "
         f"updated), {report.cells_skipped_existing} already present, {report.cells_withdrawn} withdrawn, "

@@ -137,7 +137,9 @@ def _load_keras(lake: ObjectStore, key: str):
     return model_from_bytes(lake.get_bytes(key))
 
 
-def _champion_on_candidate_split(task_name: str, dataset: DatasetHandle, storage: StorageResource, store, candidate_dataset_version: str):
+def _champion_on_candidate_split(
+    task_name: str, dataset: DatasetHandle, storage: StorageResource, store, candidate_dataset_version: str
+):
     """The current champion's test metrics on the candidate's test split (``SplitMetrics``), or None where
     the stored metrics already compare (same dataset version), there is no champion, or the classes
     differ (the gate refuses that on its own)."""
@@ -255,7 +257,8 @@ def build_model_assets(task_name: str) -> list[dg.AssetsDefinition]:
             f"best validation accuracy {result.best_val_accuracy:.4f}"
         )
         curves = "\n\n".join(
-            _png_markdown(training_curves_png(member.history, member.best_epoch), f"training curves, member {index + 1}").md_str or ""
+            _png_markdown(training_curves_png(member.history, member.best_epoch), f"training curves, member {index + 1}").md_str
+            or ""
             for index, member in enumerate(result.members)
         )
         return dg.Output(

@@ -63,7 +63,9 @@ def smear_flag_thresholds(config: FlagThresholdsConfig) -> dg.Output[dict]:
     )
     values = asdict(settings)
     version = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-    return dg.Output(values, metadata={"thresholds": dg.MetadataValue.json(values), "version": version}, data_version=dg.DataVersion(version))
+    return dg.Output(
+        values, metadata={"thresholds": dg.MetadataValue.json(values), "version": version}, data_version=dg.DataVersion(version)
+    )
 
 
 # Loaded champions by (lake, model version). A process that predicts several smears (a multi-smear
@@ -144,7 +146,8 @@ def smear_predictions(
     smear_ids = list(context.partition_keys)
     classifiers = _champion_classifiers(storage, warehouse)
     routes = tuple(
-        route for route in thesis_routes(PRIMARY_TASK, NEUTROPHIL_DYSPLASIA_TASK, LYMPHOCYTE_MALIGNANCY_TASK)
+        route
+        for route in thesis_routes(PRIMARY_TASK, NEUTROPHIL_DYSPLASIA_TASK, LYMPHOCYTE_MALIGNANCY_TASK)
         if route.to_task in classifiers
     )
     report_settings = ReportSettings(flags=FlagSettings(**flag_thresholds))
@@ -193,7 +196,9 @@ def smear_predictions(
             "cells": sum(item["cells"] for item in predicted.values()),
             "referred": sum(item["referred"] for item in predicted.values()),
             "smears_without_cells": dg.MetadataValue.json(without_cells),
-            "model_versions": dg.MetadataValue.json({task: classifier.card.model_version for task, classifier in classifiers.items()}),
+            "model_versions": dg.MetadataValue.json(
+                {task: classifier.card.model_version for task, classifier in classifiers.items()}
+            ),
         },
     )
     report_metadata: dict = {"smears": dg.MetadataValue.json(predicted)}

@@ -43,7 +43,9 @@ def snapshot_version(cells: pd.DataFrame) -> str:
         "content of its rows. The blocking checks below validate it before any dataset is built."
     ),
 )
-def cell_table(context: dg.AssetExecutionContext, warehouse: WarehouseResource, storage: StorageResource) -> dg.Output[CellSnapshot]:
+def cell_table(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, storage: StorageResource
+) -> dg.Output[CellSnapshot]:
     cells = warehouse.warehouse().query("select * from cells order by cell_uid")
     version = snapshot_version(cells)
     key = f"tables/cell_snapshots/{version}.parquet"
@@ -90,9 +92,7 @@ def _cell_table_check(group: str, description: str) -> dg.AssetChecksDefinition:
         blocking=blocking,
         description=f"Great Expectations: {description}" + ("" if blocking else " (warning only)"),
     )
-    def check(
-        config: CellTableCheckConfig, cell_table: CellSnapshot, storage: StorageResource
-    ) -> dg.AssetCheckResult:
+    def check(config: CellTableCheckConfig, cell_table: CellSnapshot, storage: StorageResource) -> dg.AssetCheckResult:
         rules = CellTableRules(
             width_range=(config.min_width, config.max_width),
             height_range=(config.min_height, config.max_height),

@@ -1,7 +1,6 @@
 """Dagster resources: configuration in, domain objects out. Defaults come from the environment
 (``hema_pipeline.settings``); every field can also be set in the launchpad or in Dagster config."""
 
-
 import os
 
 import dagster as dg
@@ -118,7 +117,9 @@ def default_resources() -> dict[str, dg.ConfigurableResource | dg.ConfigurableIO
             settle_seconds=settings.inbox_settle_seconds(),
             archive_url=settings.inbox_archive_url(),
         ),
-        "storage": StorageResource(lake_url=settings.lake_url(), quarantine_url=settings.quarantine_url(), s3_endpoint_url=endpoint),
+        "storage": StorageResource(
+            lake_url=settings.lake_url(), quarantine_url=settings.quarantine_url(), s3_endpoint_url=endpoint
+        ),
         "warehouse": WarehouseResource(path=settings.warehouse_path()),
         "pseudonyms": PseudonymKeyResource(key_file=settings.pseudonym_key_file(), demo_mode=settings.demo_mode()),
         "partition_retention": PartitionRetentionResource(retention_days=settings.partition_retention_days()),

@@ -71,9 +71,7 @@ class KeyCheckingRunCoordinator(QueuedRunCoordinator):
         }
 
     @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
-    ) -> KeyCheckingRunCoordinator:
+    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]) -> KeyCheckingRunCoordinator:
         # The queued coordinator's settings are its constructor's keyword arguments, one to one.
         queued = {name: config_value.get(name) for name in _queued_config_fields()}
         return cls(

@@ -180,9 +180,7 @@ def parse_smear_metadata(raw: bytes) -> SmearMetadata:
         raise ExportFormatError("smear: empty accession")
     analyser_id = _require(document, "analyser_id", str, "smear")
     if not ANALYSER_ID_PATTERN.fullmatch(analyser_id):
-        raise ExportFormatError(
-            "smear: analyser_id must be an instrument serial (letters, digits, '.', '_', '-'; at most 32)"
-        )
+        raise ExportFormatError("smear: analyser_id must be an instrument serial (letters, digits, '.', '_', '-'; at most 32)")
     patient_doc = _require(document, "patient", dict, "smear")
     birth_date = _parse_date(_require_text(patient_doc, "birth_date", "patient", MAX_DATE_CHARS), "patient.birth_date")
     sex = _require(patient_doc, "sex", str, "patient")

@@ -97,23 +97,95 @@ _CONFUSION_WEIGHTS = (0.6, 0.25, 0.15)
 # case), because the PHI canary searches every byte the pipeline writes for each name part and an ordinary
 # name such as "Ines" would hit "lines" in a log.
 FEMALE_FIRST_NAMES: tuple[str, ...] = (
-    "Leocadia", "Ottoline", "Philippa", "Euphemia", "Perpetua", "Hildegard", "Ludovica", "Jadwiga",
-    "Eulalia", "Seraphina", "Anastazja", "Evangelina", "Gwendolyn", "Florentyna", "Marcellina",
-    "Leopoldine", "Benedikta", "Domenica", "Fiorella", "Honorine", "Isidora", "Joaquina", "Kunigunde",
-    "Melisende", "Prudencia",
+    "Leocadia",
+    "Ottoline",
+    "Philippa",
+    "Euphemia",
+    "Perpetua",
+    "Hildegard",
+    "Ludovica",
+    "Jadwiga",
+    "Eulalia",
+    "Seraphina",
+    "Anastazja",
+    "Evangelina",
+    "Gwendolyn",
+    "Florentyna",
+    "Marcellina",
+    "Leopoldine",
+    "Benedikta",
+    "Domenica",
+    "Fiorella",
+    "Honorine",
+    "Isidora",
+    "Joaquina",
+    "Kunigunde",
+    "Melisende",
+    "Prudencia",
 )
 MALE_FIRST_NAMES: tuple[str, ...] = (
-    "Wenceslaus", "Thaddeus", "Ignatius", "Radomir", "Zbigniew", "Bartholomew", "Cornelius", "Ambrosius",
-    "Aurelio", "Gaspard", "Nepomuk", "Quirinus", "Sigismund", "Tiburcio", "Valdemar", "Leopold",
-    "Evaristo", "Hieronymus", "Kasimir", "Wolfgang",
+    "Wenceslaus",
+    "Thaddeus",
+    "Ignatius",
+    "Radomir",
+    "Zbigniew",
+    "Bartholomew",
+    "Cornelius",
+    "Ambrosius",
+    "Aurelio",
+    "Gaspard",
+    "Nepomuk",
+    "Quirinus",
+    "Sigismund",
+    "Tiburcio",
+    "Valdemar",
+    "Leopold",
+    "Evaristo",
+    "Hieronymus",
+    "Kasimir",
+    "Wolfgang",
 )
 LAST_NAMES: tuple[str, ...] = (
-    "Szczepankiewicz", "Featherstonhaugh", "Quackenbush", "Throckmorton", "Vanderhoeven", "Oyelaran",
-    "Wojciechowska", "Zeitlinger", "Iturbide", "Kowalczuk", "Lindqvist", "Haverkamp", "Okonkwo",
-    "Bjornstad", "Castellanos", "Etxeberria", "Fitzgibbon", "Hrdlicka", "Ibarguren", "Jankowiak",
-    "Kuczynski", "Llewellyn", "Nieuwenhuis", "Ostrowski", "Papadimitriou", "Quintanilla", "Rautenberg",
-    "Tzavaras", "Urquhart", "Valbuena", "Wetherspoon", "Xirinachs", "Yamaguchi", "Zurbriggen",
-    "Abernethy", "Brzezinski", "Delacroix", "Gallardo", "Mbekwemu", "Sandoval",
+    "Szczepankiewicz",
+    "Featherstonhaugh",
+    "Quackenbush",
+    "Throckmorton",
+    "Vanderhoeven",
+    "Oyelaran",
+    "Wojciechowska",
+    "Zeitlinger",
+    "Iturbide",
+    "Kowalczuk",
+    "Lindqvist",
+    "Haverkamp",
+    "Okonkwo",
+    "Bjornstad",
+    "Castellanos",
+    "Etxeberria",
+    "Fitzgibbon",
+    "Hrdlicka",
+    "Ibarguren",
+    "Jankowiak",
+    "Kuczynski",
+    "Llewellyn",
+    "Nieuwenhuis",
+    "Ostrowski",
+    "Papadimitriou",
+    "Quintanilla",
+    "Rautenberg",
+    "Tzavaras",
+    "Urquhart",
+    "Valbuena",
+    "Wetherspoon",
+    "Xirinachs",
+    "Yamaguchi",
+    "Zurbriggen",
+    "Abernethy",
+    "Brzezinski",
+    "Delacroix",
+    "Gallardo",
+    "Mbekwemu",
+    "Sandoval",
 )
 COMMENT_TEMPLATES: tuple[str, ...] = (
     "Pt {first} {last} on chemo, please review",
@@ -278,9 +350,7 @@ def fake_smear_identities(seed: int, count: int, accession_prefix: str = "H") ->
     for owner in owners:
         first, last, patient = patients[owner]
         collection_day = _random_date(rng, *COLLECTION_DATE_RANGE)
-        collected_at = dt.datetime.combine(collection_day, dt.time(7)) + dt.timedelta(
-            seconds=int(rng.integers(0, 11 * 3600))
-        )
+        collected_at = dt.datetime.combine(collection_day, dt.time(7)) + dt.timedelta(seconds=int(rng.integers(0, 11 * 3600)))
         number = int(rng.integers(1, 1_000_000))
         while number in accession_numbers:
             number = int(rng.integers(1, 1_000_000))
@@ -375,9 +445,7 @@ def _move(counts: dict[str, int], source: str, target: str, share: float) -> Non
     counts[target] += moved
 
 
-def _smear_classes(
-    spec: SyntheticExportSpec, dysplastic: bool, malignant: bool, rng: np.random.Generator
-) -> list[str]:
+def _smear_classes(spec: SyntheticExportSpec, dysplastic: bool, malignant: bool, rng: np.random.Generator) -> list[str]:
     """The true class of each cell of one smear, in cell order."""
     base = spec.base_mix()
     labels = [label for label in CELL_CLASSES if base[label] > 0]
@@ -846,9 +914,7 @@ def _jpeg_with_planted_phi(image: Image.Image, identity: FakeSmearIdentity, cell
     exif = Image.Exif()
     exif[ExifTags.Base.Make] = "CellaVision"
     exif[ExifTags.Base.Model] = "DM96"
-    exif[ExifTags.Base.ImageDescription] = (
-        f"{patient.name} {patient.record_number} DOB {patient.birth_date:%Y:%m:%d}"
-    )
+    exif[ExifTags.Base.ImageDescription] = f"{patient.name} {patient.record_number} DOB {patient.birth_date:%Y:%m:%d}"
     exif[ExifTags.Base.Artist] = patient.name
     exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = f"{identity.collected_at:%Y:%m:%d %H:%M:%S}"
     buffer = BytesIO()
@@ -911,4 +977,3 @@ def generate_export(out_dir: Path, spec: SyntheticExportSpec) -> GeneratedExport
             )
         )
     return GeneratedExport(root=out_dir, smears=tuple(smears))
-

@@ -58,9 +58,7 @@ def collect_image_files(
         if not directory.is_dir():
             raise NotADirectoryError(f"{directory}: not a directory")
         candidates = directory.rglob("*") if recursive else directory.iterdir()
-        collected.extend(
-            sorted(path for path in candidates if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
-        )
+        collected.extend(sorted(path for path in candidates if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES))
     seen: set[Path] = set()
     unique = []
     for path in collected:
@@ -125,9 +123,7 @@ def classify_files(
     decodable = [file for file, reason in zip(files, refusals, strict=True) if not reason]
     with tqdm(total=len(files), unit="image", desc="classifying", file=messages, disable=not progress) as bar:
         bar.update(len(refused))
-        predictions, failures = predict_readable_images(
-            decodable, classifier, batch_size=batch_size, on_progress=bar.update
-        )
+        predictions, failures = predict_readable_images(decodable, classifier, batch_size=batch_size, on_progress=bar.update)
         bar.update(len(failures))  # the pipeline drops unreadable files without counting them
     order = {file: index for index, file in enumerate(files)}
     failures = sorted([*refused, *failures], key=lambda failure: order[failure.cell_key])

@@ -370,14 +370,24 @@ def smear_flags(
 
     immature = _count_over(everything, IMMATURE_GRANULOCYTE)
     if immature >= settings.min_immature_granulocytes > 0:
-        flags.append(Flag(FlagCode.IMMATURE_GRANULOCYTES_PRESENT, f"{immature} immature granulocyte(s) counted: review the smear."))
+        flags.append(
+            Flag(FlagCode.IMMATURE_GRANULOCYTES_PRESENT, f"{immature} immature granulocyte(s) counted: review the smear.")
+        )
     erythroblasts = _count_over(everything, ERYTHROBLAST)
     if erythroblasts >= settings.min_erythroblasts > 0:
-        flags.append(Flag(FlagCode.ERYTHROBLASTS_PRESENT, f"{erythroblasts} erythroblast(s) (nucleated red cells) counted: review the smear."))
+        flags.append(
+            Flag(
+                FlagCode.ERYTHROBLASTS_PRESENT,
+                f"{erythroblasts} erythroblast(s) (nucleated red cells) counted: review the smear.",
+            )
+        )
     malignant = _count_over(everything, MALIGNANT_LYMPHOCYTE)
     if malignant >= settings.min_malignant_lymphocytes > 0:
         flags.append(
-            Flag(FlagCode.SUSPECTED_MALIGNANT_LYMPHOCYTES, f"{malignant} lymphocyte(s) classified as suspected malignant: haematologist review.")
+            Flag(
+                FlagCode.SUSPECTED_MALIGNANT_LYMPHOCYTES,
+                f"{malignant} lymphocyte(s) classified as suspected malignant: haematologist review.",
+            )
         )
     for differential in everything:
         share = dysplastic_neutrophil_share(differential)

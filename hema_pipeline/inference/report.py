@@ -113,7 +113,7 @@ class SmearReport:
         body = "\n".join(block.html() for block in _report_blocks(self))
         title = html.escape(f"Blood smear report {self.smear_id}")
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>{title}</title>\n<style>{_HTML_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
         )
 
@@ -141,7 +141,10 @@ def build_smear_report(
     validate_routes(primary_task, routes, cards)
     tasks = stage_order(primary_task, routes)
     current = pd.concat(
-        [predictions[(predictions["task"] == task) & (predictions["model_version"] == cards[task].model_version)] for task in tasks],
+        [
+            predictions[(predictions["task"] == task) & (predictions["model_version"] == cards[task].model_version)]
+            for task in tasks
+        ],
         ignore_index=True,
     )
     foreign = [key for key in current["cell_key"] if not str(key).startswith(f"{smear_id}:")]
@@ -181,9 +184,7 @@ def build_smear_report(
     agreement = None
     if analyser_classes is not None:
         compared = cells[cells["accepted"].astype(bool) & cells["cell_key"].isin(list(analyser_classes))]
-        agreement = analyser_agreement(
-            compared["final_class"].tolist(), [analyser_classes[key] for key in compared["cell_key"]]
-        )
+        agreement = analyser_agreement(compared["final_class"].tolist(), [analyser_classes[key] for key in compared["cell_key"]])
 
     return SmearReport(
         smear_id=smear_id,

@@ -18,9 +18,7 @@ class ContainedError(RuntimeError):
 
 
 @contextmanager
-def identifiable_zone(
-    operation: str, smear_id: str | None = None, safe: tuple[type[Exception], ...] = ()
-) -> Iterator[None]:
+def identifiable_zone(operation: str, smear_id: str | None = None, safe: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """Run ``operation`` so that any failure leaves as a ``ContainedError`` with no cause attached.
     ``safe`` lists error types whose messages are redacted by construction (the pseudonymisation set-up
     errors, say); they pass unchanged, so the operator reads what to fix."""

@@ -194,7 +194,16 @@ class _Unreadable(Exception):
         self.reason = reason
 
 
-_DECODER_FAILURES = (OSError, ValueError, SyntaxError, EOFError, IndexError, MemoryError, struct.error, Image.DecompressionBombError)
+_DECODER_FAILURES = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    MemoryError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 _PROBLEM_REASONS: dict[str, tuple[str, str]] = {
     SYMLINK: (SYMLINK_NOT_FOLLOWED, "a symbolic link: never followed, so its target is neither read nor kept"),
@@ -271,7 +280,9 @@ class _SmearImport:
         return QuarantinedItem(cell_id, code, reason, kept_key, digest, self.entry_ref(info))
 
     def quarantine_whole_smear(self, code: str, reason: str) -> ImportReport:
-        items = [self.quarantine_file(info, None, code, reason) for info in self.smear.files if info.key not in self.smear.all_folders]
+        items = [
+            self.quarantine_file(info, None, code, reason) for info in self.smear.files if info.key not in self.smear.all_folders
+        ]
         if not items:
             items.append(QuarantinedItem(None, code, reason, None, None))
         return self.finish(metadata=None, anonymous=None, rows=[], quarantined=items, status="quarantined", cells_quarantined=0)
@@ -369,8 +380,7 @@ class _SmearImport:
         if not (low_w <= clean.width <= high_w and low_h <= clean.height <= high_h):
             return quarantined(
                 UNEXPECTED_DIMENSIONS,
-                f"{clean.width}x{clean.height} px is outside the accepted cell size "
-                f"({low_w}-{high_w} x {low_h}-{high_h} px)",
+                f"{clean.width}x{clean.height} px is outside the accepted cell size ({low_w}-{high_w} x {low_h}-{high_h} px)",
             )
         digest = _sha256(clean.jpeg)
         key = image_key(digest)
@@ -579,7 +589,9 @@ class _SmearImport:
     def write_parquet(self, connection: duckdb.DuckDBPyConnection) -> None:
         """Mirror the smear's rows, as this import commits them, to Parquet: the files a data lake or a rebuild reads."""
         for table, order in (("cells", "cell_uid"), ("smears", "smear_id"), ("quarantine", "quarantine_id")):
-            rows = connection.sql(f"select * from {table} where smear_id = ? order by {order}", params=[self.smear_id]).to_arrow_table()
+            rows = connection.sql(
+                f"select * from {table} where smear_id = ? order by {order}", params=[self.smear_id]
+            ).to_arrow_table()
             key = f"tables/{table}/smear_id={self.smear_id}/{table}.parquet"
             if rows.num_rows == 0 and not self.targets.lake.exists(key):
                 continue

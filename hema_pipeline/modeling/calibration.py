@@ -105,9 +105,7 @@ def fit_temperature(
     if slope_low >= 0:
         return _bounded_fit(logits, labels, max_temperature, nll_before, "optimum at or above max_temperature")
     if slope_high <= 0:
-        return _bounded_fit(
-            logits, labels, min_temperature, nll_before, "optimum at or below min_temperature (separable data)"
-        )
+        return _bounded_fit(logits, labels, min_temperature, nll_before, "optimum at or below min_temperature (separable data)")
 
     inverse_temperature = 1.0 if low < 1.0 < high else (low + high) / 2
     iterations = 0
@@ -135,9 +133,7 @@ def fit_temperature(
     )
 
 
-def _bounded_fit(
-    logits: np.ndarray, labels: np.ndarray, temperature: float, nll_before: float, note: str
-) -> TemperatureFit:
+def _bounded_fit(logits: np.ndarray, labels: np.ndarray, temperature: float, nll_before: float, note: str) -> TemperatureFit:
     return TemperatureFit(
         temperature=temperature,
         nll_before=nll_before,
@@ -162,9 +158,7 @@ class CalibrationErrors:
     bin_accuracy: np.ndarray  # NaN where empty
 
 
-def calibration_errors_from_confidence(
-    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15
-) -> CalibrationErrors:
+def calibration_errors_from_confidence(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> CalibrationErrors:
     confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
     correct = np.asarray(correct, dtype=bool).reshape(-1)
     if len(confidence) != len(correct) or len(confidence) == 0:
@@ -253,12 +247,27 @@ def reliability_diagram_png(report: CalibrationReport) -> bytes:
             width = edges[1] - edges[0]
             centres = edges[:-1] + width / 2
             filled = errors.bin_counts > 0
-            axis.bar(centres[filled], errors.bin_accuracy[filled], width=width, edgecolor="black", linewidth=0.5,
-                     color="tab:blue", label="accuracy")
+            axis.bar(
+                centres[filled],
+                errors.bin_accuracy[filled],
+                width=width,
+                edgecolor="black",
+                linewidth=0.5,
+                color="tab:blue",
+                label="accuracy",
+            )
             # The gap to the diagonal, drawn from the bin's mean confidence: what the ECE sums.
-            axis.bar(centres[filled], errors.bin_confidence[filled] - errors.bin_accuracy[filled],
-                     bottom=errors.bin_accuracy[filled], width=width, color="tab:red", alpha=0.35,
-                     edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+            axis.bar(
+                centres[filled],
+                errors.bin_confidence[filled] - errors.bin_accuracy[filled],
+                bottom=errors.bin_accuracy[filled],
+                width=width,
+                color="tab:red",
+                alpha=0.35,
+                edgecolor="tab:red",
+                linewidth=0.5,
+                label="gap to confidence",
+            )
             axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
             axis.set_xlim(0, 1)
             axis.set_ylim(0, 1)

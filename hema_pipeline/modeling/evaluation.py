@@ -57,10 +57,7 @@ class EvaluationReport:
 
     def per_class_records(self) -> list[dict[str, Any]]:
         """JSON-ready rows (NaN becomes None)."""
-        return [
-            {str(key): _json_number(value) for key, value in row.items()}
-            for row in self.per_class.to_dict(orient="records")
-        ]
+        return [{str(key): _json_number(value) for key, value in row.items()} for row in self.per_class.to_dict(orient="records")]
 
 
 def _json_number(value: Any) -> Any:
@@ -121,9 +118,7 @@ def evaluate_logits(
         else:
             roc_auc = math.nan
             notes.append(f"{name}: ROC AUC undefined ({'no' if support == 0 else 'only'} cells of this class)")
-        rows.append(
-            (index, name, support, predicted_count, true_positives, precision, recall, specificity, f1, roc_auc)
-        )
+        rows.append((index, name, support, predicted_count, true_positives, precision, recall, specificity, f1, roc_auc))
     per_class = pd.DataFrame(rows, columns=list(PER_CLASS_COLUMNS))
     return EvaluationReport(
         class_names=tuple(class_names),

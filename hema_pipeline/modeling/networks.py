@@ -357,9 +357,7 @@ def _compact_trunk(x: Any, arch: ArchitectureConfig, prefix: str) -> Any:
 def _separable_pair(x: Any, width: int, name: str, strides: int = 1) -> Any:
     """ReLU-SepConv-BN-ReLU-SepConv-BN (pre-activation, as in Xception's middle flow)."""
     x = keras.layers.ReLU(name=f"{name}_relu1")(x)
-    x = keras.layers.SeparableConv2D(
-        width, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_sep1"
-    )(x)
+    x = keras.layers.SeparableConv2D(width, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_sep1")(x)
     x = keras.layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=f"{name}_bn1")(x)
     x = keras.layers.ReLU(name=f"{name}_relu2")(x)
     x = keras.layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name=f"{name}_sep2")(x)

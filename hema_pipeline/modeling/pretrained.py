@@ -272,7 +272,9 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return value
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None, *rest: Any) -> _TensorRef:
+def _rebuild_tensor(
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None, *rest: Any
+) -> _TensorRef:
     """Stands in for ``torch._utils._rebuild_tensor_v2``: records where the tensor's values lie."""
     if not isinstance(storage, _Storage) or type(offset) is not int or offset < 0:
         raise RefusedCheckpoint("a tensor rebuilt from something other than a storage")
@@ -325,7 +327,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def _state_dict_refs(value: Any) -> dict[str, _TensorRef]:
-    if not isinstance(value, dict) or not all(isinstance(key, str) and isinstance(item, _TensorRef) for key, item in value.items()):
+    if not isinstance(value, dict) or not all(
+        isinstance(key, str) and isinstance(item, _TensorRef) for key, item in value.items()
+    ):
         raise RefusedCheckpoint("the checkpoint is not a flat dict of named tensors")
     return dict(value)
 
@@ -555,7 +559,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray], name: str) -> ConvertedW
             out, inner, kernel = channels[module]
             weight = take(f"{module}.weight", (out, inner, kernel, kernel))
             # conv (out, in, kh, kw) -> (kh, kw, in, out); depthwise (C, 1, kh, kw) -> (kh, kw, C, 1)
-            layers[layer] = [np.ascontiguousarray(weight.transpose(2, 3, 1, 0) if kind == "conv" else weight.transpose(2, 3, 0, 1))]
+            layers[layer] = [
+                np.ascontiguousarray(weight.transpose(2, 3, 1, 0) if kind == "conv" else weight.transpose(2, 3, 0, 1))
+            ]
         else:
             width = bn_width[module]
             layers[layer] = [take(f"{module}.{part}", (width,)) for part in ("weight", "bias", "running_mean", "running_var")]
@@ -627,7 +633,9 @@ def assign_weights(model: Any, weights: ConvertedWeights, name: str, prefix: str
     # A layer with weights the graph has but the mapping does not know would keep its random values.
     pattern = re.compile(rf"^{re.escape(prefix)}(stem|block\d+|top)_")
     assigned_names = {prefix + layer for layer in expected}
-    unassigned = [layer.name for layer in model.layers if layer.weights and pattern.match(layer.name) and layer.name not in assigned_names]
+    unassigned = [
+        layer.name for layer in model.layers if layer.weights and pattern.match(layer.name) and layer.name not in assigned_names
+    ]
     if unassigned:
         raise ConversionError(f"{name}: trunk layers left unassigned {sorted(unassigned)[:5]}")
     return assigned
@@ -663,4 +671,3 @@ def default_weights_store() -> ObjectStore:
     from hema_pipeline.storage.object_store import open_object_store
 
     return open_object_store(settings.lake_url(), endpoint_url=settings.s3_endpoint_url() or None)
-

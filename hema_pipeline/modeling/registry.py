@@ -95,7 +95,11 @@ def code_version() -> str:
         ).stdout.strip()
         changes = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=package_dir, capture_output=True, text=True, timeout=10, check=True,
+            cwd=package_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"hema-pipeline {__version__}"
@@ -409,8 +413,12 @@ def _model_row(card: ModelCard) -> pd.DataFrame:
     frame = pd.DataFrame([row])
     # All-null optional columns would otherwise be inferred as object/NULL type by DuckDB's scan.
     for column in (
-        "macro_auc", "referral_accepted_accuracy", "referral_confidence", "referral_certified_accuracy",
-        "ood_threshold", "ood_keep_quantile",
+        "macro_auc",
+        "referral_accepted_accuracy",
+        "referral_confidence",
+        "referral_certified_accuracy",
+        "ood_threshold",
+        "ood_keep_quantile",
     ):
         frame[column] = frame[column].astype("float64")
     frame["ood_method"] = frame["ood_method"].astype("string")
@@ -418,8 +426,19 @@ def _model_row(card: ModelCard) -> pd.DataFrame:
 
 
 _EVALUATION_COLUMNS = (
-    "class_index", "class_name", "support", "predicted", "true_positives", "precision", "recall",
-    "specificity", "f1", "roc_auc", "referral_threshold", "referral_threshold_source", "referral_coverage",
+    "class_index",
+    "class_name",
+    "support",
+    "predicted",
+    "true_positives",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "roc_auc",
+    "referral_threshold",
+    "referral_threshold_source",
+    "referral_coverage",
     "referral_accepted_accuracy",
 )
 
@@ -430,8 +449,16 @@ def _evaluation_rows(card: ModelCard) -> pd.DataFrame:
     if missing:
         raise ValueError(f"per-class metrics lack {missing}")
     frame = frame[list(_EVALUATION_COLUMNS)].copy()
-    for column in ("precision", "recall", "specificity", "f1", "roc_auc", "referral_threshold",
-                   "referral_coverage", "referral_accepted_accuracy"):
+    for column in (
+        "precision",
+        "recall",
+        "specificity",
+        "f1",
+        "roc_auc",
+        "referral_threshold",
+        "referral_coverage",
+        "referral_accepted_accuracy",
+    ):
         frame[column] = pd.to_numeric(frame[column], errors="raise").astype("float64")
     frame.insert(0, "model_version", card.model_version)
     return frame
@@ -479,9 +506,7 @@ def load_model(
         model_version = current_champion(warehouse, task)
         if model_version is None:
             raise LookupError(f"task {task!r} has no champion model")
-    rows = warehouse_rows(
-        warehouse, "select card_key from models where model_version = ? and task = ?", [model_version, task]
-    )
+    rows = warehouse_rows(warehouse, "select card_key from models where model_version = ? and task = ?", [model_version, task])
     if rows.empty:
         raise LookupError(f"no model {model_version!r} registered for task {task!r}")
     return load_model_from_card(store, str(rows.iloc[0]["card_key"]))
@@ -597,9 +622,7 @@ def decide_promotion(
     # One decision per task at a time: the gate, an operator's promote and a rollback all read the
     # promotion log's last sequence number and append the next.
     with warehouse.transaction(serialise_on=f"promotion:{task}") as connection:
-        decision = _decide(
-            connection, task, challenger_version, policy, dict(checks or {}), champion_on_challenger_split
-        )
+        decision = _decide(connection, task, challenger_version, policy, dict(checks or {}), champion_on_challenger_split)
         _record(connection, decision)
     return decision
 
@@ -636,13 +659,19 @@ def _decide(
     if _class_names(connection, challenger_version) != _class_names(connection, champion_version):
         return decision("refused", "class names differ from the champion's: the models answer different questions")
     challenger_metrics = SplitMetrics(
-        challenger_version, challenger["dataset_version"], int(challenger["test_cells"]),
-        float(challenger["accuracy"]), float(challenger["macro_f1"]),
+        challenger_version,
+        challenger["dataset_version"],
+        int(challenger["test_cells"]),
+        float(challenger["accuracy"]),
+        float(challenger["macro_f1"]),
     )
     if champion["dataset_version"] == challenger["dataset_version"]:
         champion_metrics = SplitMetrics(
-            champion_version, champion["dataset_version"], int(champion["test_cells"]),
-            float(champion["accuracy"]), float(champion["macro_f1"]),
+            champion_version,
+            champion["dataset_version"],
+            int(champion["test_cells"]),
+            float(champion["accuracy"]),
+            float(champion["macro_f1"]),
         )
     elif champion_on_challenger_split is None:
         raise ValueError(
@@ -653,9 +682,7 @@ def _decide(
     else:
         champion_metrics = champion_on_challenger_split
         if champion_metrics.model_version != champion_version:
-            raise ValueError(
-                f"champion_on_challenger_split is for {champion_metrics.model_version}, not {champion_version}"
-            )
+            raise ValueError(f"champion_on_challenger_split is for {champion_metrics.model_version}, not {champion_version}")
     beats, summary = compare_on_same_split(challenger_metrics, champion_metrics, policy)
     if beats:
         return decision("promoted", f"beats the champion: {summary}")
@@ -745,8 +772,14 @@ def _record(connection: duckdb.DuckDBPyConnection, decision: PromotionDecision) 
         "insert into model_promotions (event_id, task, sequence, model_version, previous_champion, action, reason, "
         "decided_at) values (?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            str(uuid.uuid4()), decision.task, sequence, decision.model_version, decision.previous_champion,
-            decision.action, decision.reason, decision.decided_at,
+            str(uuid.uuid4()),
+            decision.task,
+            sequence,
+            decision.model_version,
+            decision.previous_champion,
+            decision.action,
+            decision.reason,
+            decision.decided_at,
         ],
     )
     if decision.action == "promoted":

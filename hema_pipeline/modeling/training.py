@@ -211,7 +211,9 @@ def train_ensemble(
     accuracy = float(np.mean(np.argmax(outputs.logits, axis=1) == outputs.labels))
     logger.info(
         "ensemble of %d: validation accuracy %.4f (members %s)",
-        count, accuracy, ", ".join(f"{member.best_val_accuracy:.4f}" for member in members),
+        count,
+        accuracy,
+        ", ".join(f"{member.best_val_accuracy:.4f}" for member in members),
     )
     return EnsembleTrainingResult(model, members, accuracy, seeds)
 
@@ -274,6 +276,7 @@ def train_model(
     else:
         if class_weights is not None:
             raise ValueError("a training stream balances classes by sampling; class weights would count twice")
+
         def to_stream_targets(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             # As in _prepare_dataset: one_hot would silently turn an out-of-range label into zeros.
             with tf.control_dependencies(
@@ -288,9 +291,7 @@ def train_model(
     val_batches = _prepare_dataset(val_ds, arch, config, num_classes, batch_size, None, training=False)
 
     model = build_model(arch, num_classes, mixed_precision=mixed_precision)
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=learning_rate, weight_decay=config.weight_decay, clipnorm=config.clip_norm
-    )
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay, clipnorm=config.clip_norm)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(
         optimizer=optimizer,
@@ -315,7 +316,12 @@ def train_model(
     ]
     logger.info(
         "training %s (%d parameters) on %s: batch %d, peak learning rate %.2g, mixed precision %s",
-        arch.name, model.count_params(), device, batch_size, learning_rate, mixed_precision,
+        arch.name,
+        model.count_params(),
+        device,
+        batch_size,
+        learning_rate,
+        mixed_precision,
     )
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -512,8 +518,7 @@ class EpochProgress(keras.callbacks.Callback):
         values = ", ".join(f"{name} {logs[name]:.4g}" for name in shown if logs and name in logs)
         left = (self.epochs - epoch - 1) * float(np.mean(self.durations))
         line = (
-            f"{self.label}epoch {epoch + 1}/{self.epochs}: {values} ({self.durations[-1]:.0f} s; "
-            f"about {left / 60:.0f} min left)"
+            f"{self.label}epoch {epoch + 1}/{self.epochs}: {values} ({self.durations[-1]:.0f} s; about {left / 60:.0f} min left)"
         )
         logger.info(line)
         if self.report is not None:

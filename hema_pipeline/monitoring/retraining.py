@@ -93,9 +93,7 @@ class RetrainingTrigger:
         """Identical for identical evidence: a launcher that deduplicates by run key launches once even
         if the state was lost between deciding and saving."""
         marker = (
-            str(self.evidence.new_verified_cells)
-            if self.reason == NEW_VERIFIED_CELLS
-            else str(self.evidence.drift_window_end)
+            str(self.evidence.new_verified_cells) if self.reason == NEW_VERIFIED_CELLS else str(self.evidence.drift_window_end)
         )
         return f"retrain:{self.task}:{self.evidence.champion or 'none'}:{self.reason}:{marker}"
 
@@ -108,9 +106,7 @@ def _iso(value: Any) -> str | None:
     return str(value)
 
 
-def gather_evidence(
-    connection: duckdb.DuckDBPyConnection, task: Task, drift_checked_until: str | None = None
-) -> TaskEvidence:
+def gather_evidence(connection: duckdb.DuckDBPyConnection, task: Task, drift_checked_until: str | None = None) -> TaskEvidence:
     """Read the task's champion, its dataset and what arrived since, from the warehouse."""
     champion_row = connection.execute(
         """
@@ -135,9 +131,7 @@ def gather_evidence(
     ).fetchone() or (0,)
     new_verified = int(new_verified_row[0])
 
-    window_start = max(
-        (value for value in (_iso(promoted_at), drift_checked_until) if value is not None), default=None
-    )
+    window_start = max((value for value in (_iso(promoted_at), drift_checked_until) if value is not None), default=None)
     predictions = referred = 0
     window_end = None
     if champion is not None:
@@ -171,7 +165,9 @@ def decide_retraining(
     triggers: list[RetrainingTrigger] = []
     baseline = min(state.verified_cells_at_last_trigger, evidence.new_verified_cells)
     if evidence.new_verified_cells - baseline >= policy.min_new_verified_cells:
-        since = f"the champion's dataset {evidence.champion_dataset_version}" if evidence.champion else "the start (no champion yet)"
+        since = (
+            f"the champion's dataset {evidence.champion_dataset_version}" if evidence.champion else "the start (no champion yet)"
+        )
         triggers.append(
             RetrainingTrigger(
                 evidence.task,

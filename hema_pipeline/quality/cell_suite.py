@@ -350,9 +350,7 @@ def _outcome(item: _Planned, result: Any, frame: pd.DataFrame, max_examples: int
     if item.examples == "rows":
         examples = [f"row {index}" for index in details.get("partial_unexpected_index_list") or []]
     elif item.examples == "column_names":
-        examples = [
-            str(frame.at[index, "original_name"]) for index in details.get("partial_unexpected_index_list") or []
-        ]
+        examples = [str(frame.at[index, "original_name"]) for index in details.get("partial_unexpected_index_list") or []]
     elif item.examples == "class_counts":
         examples = [
             f"{frame.at[index, 'task_class']}: {frame.at[index, 'verified_cells']}"
@@ -397,20 +395,14 @@ def _table_expectations(frame: pd.DataFrame, rules: CellTableRules) -> list[_Pla
     planned = [
         _Planned(
             SCHEMA,
-            gxe.ExpectTableColumnsToMatchSet(
-                column_set=list(CELL_TABLE_COLUMNS), exact_match=not rules.allow_extra_columns
-            ),
+            gxe.ExpectTableColumnsToMatchSet(column_set=list(CELL_TABLE_COLUMNS), exact_match=not rules.allow_extra_columns),
             None,
         )
     ]
     for column, (kind, _) in CELL_TABLE_COLUMNS.items():
-        planned.append(
-            _Planned(SCHEMA, gxe.ExpectColumnValuesToBeInTypeList(column=column, type_list=_TYPE_NAMES[kind]), column)
-        )
+        planned.append(_Planned(SCHEMA, gxe.ExpectColumnValuesToBeInTypeList(column=column, type_list=_TYPE_NAMES[kind]), column))
     planned.append(
-        _Planned(
-            SCHEMA, gxe.ExpectColumnValuesToMatchRegex(column="image_sha256", regex=SHA256_PATTERN), "image_sha256"
-        )
+        _Planned(SCHEMA, gxe.ExpectColumnValuesToMatchRegex(column="image_sha256", regex=SHA256_PATTERN), "image_sha256")
     )
 
     for column, (_, nullable) in CELL_TABLE_COLUMNS.items():

@@ -51,9 +51,7 @@ LOCKED_DOWN_STATEMENT_TIMEOUT_MS = 120_000
 
 # What a ``?`` inside is not a placeholder in: quoted strings and identifiers, dollar-quoted bodies,
 # and comments.
-_NOT_PLACEHOLDERS = re.compile(
-    r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$([A-Za-z_]*)\$.*?\$\2\$|--[^\n]*|/\*.*?\*/)", re.DOTALL
-)
+_NOT_PLACEHOLDERS = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$([A-Za-z_]*)\$.*?\$\2\$|--[^\n]*|/\*.*?\*/)", re.DOTALL)
 
 
 def _sql_with_pyformat_placeholders(sql: str) -> str:
@@ -231,10 +229,7 @@ class PostgresConnection:
         keys = [_quoted(column) for column in key_columns]
         updates = [column for column in columns if column not in keys]
         action = "do update set " + ", ".join(f"{column} = excluded.{column}" for column in updates) if updates else "do nothing"
-        statement = (
-            f"insert into {_quoted(table)} ({', '.join(columns)}) values %s "
-            f"on conflict ({', '.join(keys)}) {action}"
-        )
+        statement = f"insert into {_quoted(table)} ({', '.join(columns)}) values %s on conflict ({', '.join(keys)}) {action}"
         psycopg2.extras.execute_values(self.raw.cursor(), statement, _rows(frame), page_size=1000)
 
     def close(self) -> None:
@@ -322,9 +317,7 @@ class PostgresWarehouse(Warehouse):
                 connection.execute(
                     "create table if not exists schema_versions (schema_sha256 varchar primary key, applied_at timestamp not null)"
                 )
-                connection.execute(
-                    "insert into schema_versions values (?, now()) on conflict do nothing", [version]
-                )
+                connection.execute("insert into schema_versions values (?, now()) on conflict do nothing", [version])
                 connection.execute("commit")
             except BaseException:
                 connection.execute("rollback")
@@ -368,7 +361,9 @@ class PostgresWarehouse(Warehouse):
         caller did not write rests on the role as well: give ``hema query`` a role with SELECT only
         (deploy/README.md), since a session setting can be changed by the SQL it runs."""
         try:
-            connection = self._open(read_only=True, statement_timeout_ms=LOCKED_DOWN_STATEMENT_TIMEOUT_MS if locked_down else None)
+            connection = self._open(
+                read_only=True, statement_timeout_ms=LOCKED_DOWN_STATEMENT_TIMEOUT_MS if locked_down else None
+            )
         except psycopg2.OperationalError as error:
             raise WarehouseMissing(f"the warehouse {self.description} cannot be reached: {error.args[0].strip()}") from error
         try:

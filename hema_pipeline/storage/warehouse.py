@@ -254,7 +254,9 @@ class DuckDBWarehouse(Warehouse):
         finally:
             connection.close()
 
-    def connect_locked_down(self, lock_wait_seconds: float = LOCK_WAIT_SECONDS) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+    def connect_locked_down(
+        self, lock_wait_seconds: float = LOCK_WAIT_SECONDS
+    ) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
         """A read-only connection safe for arbitrary SQL (``LOCKED_DOWN_CONFIG``): it cannot read or write
         files other than the warehouse, attach databases, load extensions or change its settings. Never
         creates the file (``WarehouseMissing``); ``WarehouseBusy`` after ``lock_wait_seconds``."""
@@ -262,7 +264,7 @@ class DuckDBWarehouse(Warehouse):
 
 
 def dialect_of(connection: Any) -> str:
-    """"duckdb" or "postgres": the dialect a connection from ``Warehouse.connect`` speaks."""
+    """ "duckdb" or "postgres": the dialect a connection from ``Warehouse.connect`` speaks."""
     return str(getattr(connection, "dialect", "duckdb"))
 
 
@@ -297,7 +299,9 @@ def table_exists(connection: Any, table: str) -> bool:
     """Whether ``table`` exists in the connection's current schema; never raises for an absent one."""
     if dialect_of(connection) == "postgres":
         # The catalogue, not information_schema, which hides tables the role holds no privilege on.
-        [(present,)] = connection.execute("select to_regclass(quote_ident(current_schema()) || '.' || quote_ident(?)) is not null", [table]).fetchall()
+        [(present,)] = connection.execute(
+            "select to_regclass(quote_ident(current_schema()) || '.' || quote_ident(?)) is not null", [table]
+        ).fetchall()
         return bool(present)
     [present] = connection.execute(
         "select count(*) from information_schema.tables where table_catalog = current_database() "
@@ -315,9 +319,7 @@ def read_pseudonym_scheme(connection: Any) -> dict[str, str] | None:
     Never raises for an absent table (so it is safe inside the caller's transaction)."""
     if not table_exists(connection, "pseudonym_scheme"):
         return None
-    row = connection.execute(
-        f"select {', '.join(PSEUDONYM_SCHEME_COLUMNS)} from pseudonym_scheme where scheme_id = 1"
-    ).fetchone()
+    row = connection.execute(f"select {', '.join(PSEUDONYM_SCHEME_COLUMNS)} from pseudonym_scheme where scheme_id = 1").fetchone()
     return None if row is None else dict(zip(PSEUDONYM_SCHEME_COLUMNS, row, strict=True))
 
 
