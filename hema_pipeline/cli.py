@@ -86,6 +86,40 @@ MODEL_LIST_COLUMNS = (
 )
 
 
+def _thresholds(args: argparse.Namespace) -> int:
+    """Smear-level thresholds for haematologists: ``fit`` records a new fit of the dysplastic-share
+    threshold on labelled smears (the flag-thresholds asset then uses it), ``list`` reads the record."""
+    import json
+
+    from hema_pipeline import settings
+    from hema_pipeline.inference.smear_thresholds import SmearLabelsError, describe, fit_dysplasia_threshold, read_smear_labels
+    from hema_pipeline.storage.warehouse import WAREHOUSE_ERRORS, Warehouse, WarehouseBusy
+
+    warehouse = Warehouse(args.warehouse or settings.warehouse_path())
+    if not warehouse.exists():
+        print(f"hema thresholds: no warehouse at {warehouse.description} (check --warehouse or HEMA_WAREHOUSE)", file=sys.stderr)
+        return 2
+    failures: tuple[type[Exception], ...] = (SmearLabelsError, ValueError, OSError, WarehouseBusy, *WAREHOUSE_ERRORS)
+    try:
+        if args.action == "list":
+            table = warehouse.query("select * from smear_threshold_fits order by fitted_at desc, fit_id")
+            print(table.to_string(index=False) if not table.empty else "no threshold has been fitted yet")
+            return 0
+        recorded = fit_dysplasia_threshold(warehouse, read_smear_labels(args.labels), args.reason, record=not args.dry_run)
+    except failures as error:
+        print(f"hema thresholds: {error}", file=sys.stderr)
+        return 1
+    fit = recorded.fit
+    print(json.dumps(describe(recorded), indent=2))
+    print(
+        f"dysplasia_share_threshold {fit.threshold:.4f}: sensitivity {fit.sensitivity:.3f}, specificity "
+        f"{fit.specificity:.3f}, AUC {fit.auc:.3f} on {fit.positive_smears} + {fit.negative_smears} smears; "
+        + ("not recorded (--dry-run)" if args.dry_run else "recorded: materialise smear_flag_thresholds to use it"),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     """The model registry for operators: list and show read on a read-only connection (a missing
     warehouse is an error, never created); promote and rollback write the promotion log."""
@@ -286,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
             "--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)"
         )
     models.set_defaults(handler=_models)
+
+    thresholds = commands.add_parser("thresholds", help="fit or list the smear-level flag thresholds")
+    threshold_actions = thresholds.add_subparsers(dest="action", required=True)
+    fit = threshold_actions.add_parser(
+        "fit",
+        help="fit the dysplastic-neutrophil share threshold on labelled smears (recorded; the flag thresholds "
+        "asset uses the newest fit)",
+    )
+    fit.add_argument("--labels", type=Path, required=True, help="CSV with columns smear_id (pseudonym), myelodysplasia (yes/no)")
+    fit.add_argument("--reason", required=True, help="why: who asked, which study (recorded with the fit)")
+    fit.add_argument("--dry-run", action="store_true", help="print the fit without recording it")
+    history = threshold_actions.add_parser("list", help="every recorded fit, newest first")
+    for parser_ in (fit, history):
+        parser_.add_argument(
+            "--warehouse", help="DuckDB file or postgresql:// URL (default: HEMA_WAREHOUSE or .hema/warehouse.duckdb)"
+        )
+    thresholds.set_defaults(handler=_thresholds)
 
     query = commands.add_parser(
         "query",

@@ -19,11 +19,11 @@ from hema_pipeline.inference.differential import (
     clopper_pearson,
     compute_differential,
     dysplastic_neutrophil_share,
-    fit_smear_threshold,
     per_hundred_interval,
     range_mark,
     smear_flags,
 )
+from hema_pipeline.inference.smear_thresholds import fit_smear_threshold
 
 EIGHT_CLASSES = (
     "neutrophil",

@@ -46,3 +46,23 @@ create table if not exists smear_reports (
     created_at         timestamp not null,    -- UTC
     primary key (smear_id, report_version)
 );
+
+-- One row per fit of a smear-level threshold on the lab's labelled smears (`hema thresholds fit`,
+-- hema_pipeline.inference.smear_thresholds), recorded like the promotion gate's decisions. The newest fit
+-- of a threshold is what the `smear_flag_thresholds` asset uses unless its config sets the value. Only a
+-- digest of the labels is kept, never the labels themselves.
+create table if not exists smear_threshold_fits (
+    fit_id            varchar primary key,
+    threshold_name    varchar not null,        -- dysplasia_share_threshold
+    threshold         double precision not null,  -- flagged when the share is strictly greater
+    sensitivity       double precision not null,
+    specificity       double precision not null,
+    youden_j          double precision not null,
+    auc               double precision not null,
+    positive_smears   integer not null,
+    negative_smears   integer not null,
+    model_version     varchar not null,        -- the neutrophil_dysplasia champion whose shares were fitted
+    labels_sha256     varchar not null,        -- of the sorted (smear pseudonym, label) pairs
+    reason            varchar not null,
+    fitted_at         timestamp not null       -- UTC
+);

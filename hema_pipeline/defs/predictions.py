@@ -14,6 +14,7 @@ from hema_pipeline import settings
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL, imported_smear, smear_partitions
 from hema_pipeline.defs.kubernetes import PREDICTION_RUN_POD, k8s_tags
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
+from hema_pipeline.inference.differential import FlagSettings
 
 PRIMARY_TASK = "pbc8"
 NEUTROPHIL_DYSPLASIA_TASK = "neutrophil_dysplasia"
@@ -37,10 +38,20 @@ PREDICT_WHEN = (
 )
 
 
+_FLAG_DEFAULTS = FlagSettings()
+
+
 class FlagThresholdsConfig(dg.Config):
-    dysplasia_share_threshold: float = 0.123  # thesis ch. 5, from a smear-level ROC
-    max_referred_share: float = 0.10
-    min_counted_leukocytes: int = 100
+    """Every field of ``inference.differential.FlagSettings``, with its defaults (one source: a test
+    checks that the two agree)."""
+
+    # None: the newest `hema thresholds fit` on the lab's labelled smears, else the thesis's 0.123.
+    dysplasia_share_threshold: float | None = None
+    min_immature_granulocytes: int = _FLAG_DEFAULTS.min_immature_granulocytes
+    min_erythroblasts: int = _FLAG_DEFAULTS.min_erythroblasts
+    min_malignant_lymphocytes: int = _FLAG_DEFAULTS.min_malignant_lymphocytes
+    max_referred_share: float = _FLAG_DEFAULTS.max_referred_share
+    min_counted_leukocytes: int = _FLAG_DEFAULTS.min_counted_leukocytes
 
 
 @dg.asset(
@@ -49,22 +60,34 @@ class FlagThresholdsConfig(dg.Config):
     owners=["team:haematology"],
     description=(
         "The smear-level thresholds a haematologist's flags depend on (dysplastic-neutrophil share for "
-        "'review for myelodysplasia', referred share, minimum counted leukocytes), versioned so each "
-        "report records exactly which were used."
+        "'review for myelodysplasia', immature cells, referred share, minimum counted leukocytes), versioned "
+        "so each report records exactly which were used. The dysplasia threshold is the newest fit on the "
+        "lab's labelled smears (`hema thresholds fit`) unless set here."
     ),
 )
-def smear_flag_thresholds(config: FlagThresholdsConfig) -> dg.Output[dict]:
-    from hema_pipeline.inference.differential import FlagSettings
+def smear_flag_thresholds(config: FlagThresholdsConfig, warehouse: WarehouseResource) -> dg.Output[dict]:
+    from hema_pipeline.inference.smear_thresholds import latest_threshold_fit
 
-    settings = FlagSettings(
-        dysplasia_share_threshold=config.dysplasia_share_threshold,
-        max_referred_share=config.max_referred_share,
-        min_counted_leukocytes=config.min_counted_leukocytes,
-    )
-    values = asdict(settings)
+    chosen = config.model_dump()
+    if config.dysplasia_share_threshold is not None:
+        source = "set in the asset's config"
+    else:
+        fitted = latest_threshold_fit(warehouse.warehouse())
+        if fitted is None:
+            chosen["dysplasia_share_threshold"] = _FLAG_DEFAULTS.dysplasia_share_threshold
+            source = "default: the source thesis (ch. 5); no fit on this lab's smears yet"
+        else:
+            chosen["dysplasia_share_threshold"] = fitted["threshold"]
+            source = (
+                f"fit {fitted['fit_id']} of {fitted['fitted_at']} on {fitted['positive_smears']} + "
+                f"{fitted['negative_smears']} labelled smears with {fitted['model_version']}: {fitted['reason']}"
+            )
+    values = asdict(FlagSettings(**chosen))
     version = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
     return dg.Output(
-        values, metadata={"thresholds": dg.MetadataValue.json(values), "version": version}, data_version=dg.DataVersion(version)
+        values,
+        metadata={"thresholds": dg.MetadataValue.json(values), "version": version, "dysplasia_share_threshold_source": source},
+        data_version=dg.DataVersion(version),
     )
 
 
@@ -138,7 +161,6 @@ def _champion_classifiers(storage: StorageResource, warehouse: WarehouseResource
 def smear_predictions(
     context: dg.AssetExecutionContext, flag_thresholds: dict, storage: StorageResource, warehouse: WarehouseResource
 ):
-    from hema_pipeline.inference.differential import FlagSettings
     from hema_pipeline.inference.report import ReportSettings
     from hema_pipeline.inference.routing import thesis_routes
     from hema_pipeline.inference.smear import infer_smear, load_smear_cells, save_smear_inference

@@ -282,7 +282,7 @@ class FlagSettings:
     """When a smear is flagged for a haematologist. Counts are of accepted cells."""
 
     # Thesis ch. 5: dysplastic-neutrophil share > 0.123 -> MDS (94.85 % accuracy on 136 new smears).
-    # Re-fit it on the lab's own labelled smears with `fit_smear_threshold`.
+    # Re-fit it on the lab's own labelled smears: `hema thresholds fit` (inference/smear_thresholds.py).
     dysplasia_share_threshold: float = 0.123
     # Immature granulocytes, erythroblasts and blasts are absent or near-absent in healthy adult blood,
     # so one accepted cell is worth a look.
@@ -458,62 +458,3 @@ def analyser_agreement(model_classes: Sequence[str], analyser_classes: Sequence[
         value = float(cohen_kappa_score(model, analyser, labels=labels))
         kappa = value if math.isfinite(value) else None
     return AnalyserAgreement(cells, agreeing, agreeing / cells, kappa)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Smear-level threshold
-
-
-@dataclass(frozen=True)
-class SmearThresholdFit:
-    """A smear is flagged when its share is strictly greater than ``threshold``."""
-
-    threshold: float
-    sensitivity: float
-    specificity: float
-    youden_j: float
-    auc: float
-    positive_smears: int
-    negative_smears: int
-
-
-def fit_smear_threshold(smear_shares: Sequence[float], smear_labels: Sequence[bool]) -> SmearThresholdFit:
-    """Re-fit the dysplastic-share threshold on labelled smears (label True: myelodysplasia) at the
-    maximum of Youden's J = sensitivity + specificity - 1 on the smear-level ROC curve.
-
-    Candidate thresholds are the midpoints between consecutive distinct shares, so "share > threshold"
-    classifies every training smear exactly as the ROC point does. Among thresholds with equal J the
-    lowest (most sensitive) wins: a missed myelodysplasia costs more than one more smear to review."""
-    from sklearn.metrics import roc_auc_score  # slow import, needed only here
-
-    shares = np.asarray(smear_shares, dtype=np.float64)
-    labels = np.asarray(smear_labels, dtype=bool)
-    if shares.shape != labels.shape or shares.ndim != 1:
-        raise ValueError(f"{shares.shape} shares for {labels.shape} labels")
-    if not np.all(np.isfinite(shares)) or shares.min(initial=0.0) < 0.0 or shares.max(initial=0.0) > 1.0:
-        raise ValueError("shares must be finite and within [0, 1]")
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        raise ValueError(f"a threshold needs labelled smears of both kinds; got {positives} positive, {negatives} negative")
-
-    distinct = np.unique(shares)
-    candidates = (distinct[:-1] + distinct[1:]) / 2.0
-    if len(candidates) == 0:
-        raise ValueError("every smear has the same share: no threshold separates them")
-    flagged = shares[None, :] > candidates[:, None]  # [candidate, smear]
-    sensitivity = (flagged & labels).sum(axis=1) / positives
-    specificity = (~flagged & ~labels).sum(axis=1) / negatives
-    youden = sensitivity + specificity - 1.0
-    best_j = youden.max()
-    if best_j <= 0.0:
-        raise ValueError("no threshold does better than chance on these smears (Youden's J <= 0)")
-    best = int(np.flatnonzero(np.isclose(youden, best_j, rtol=0.0, atol=1e-12))[0])  # ascending: lowest first
-    return SmearThresholdFit(
-        threshold=float(candidates[best]),
-        sensitivity=float(sensitivity[best]),
-        specificity=float(specificity[best]),
-        youden_j=float(youden[best]),
-        auc=float(roc_auc_score(labels, shares)),
-        positive_smears=positives,
-        negative_smears=negatives,
-    )
