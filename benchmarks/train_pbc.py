@@ -30,6 +30,7 @@ Prints a Markdown table and writes every figure to ``--out`` (JSON).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -98,12 +99,10 @@ def prepare_pbc8(
 ) -> PreparedData:
     """Export -> import -> cell table -> the task's dataset (+ leakage checks), as the pipeline does it."""
     from hema_pipeline.anonymise.pseudonymise import PseudonymKey
-    from hema_pipeline.datasets.augmentation import AugmentationConfig
     from hema_pipeline.datasets.near_duplicates import DEFAULT_MAX_DISTANCE, cross_split_near_duplicates_in_manifest
-    from hema_pipeline.datasets.splits import SplitFractions
     from hema_pipeline.datasets.tasks import TASKS
-    from hema_pipeline.datasets.versioning import DatasetConfig, build_dataset, write_dataset
-    from hema_pipeline.defs.datasets import DatasetBuildConfig, DatasetHandle
+    from hema_pipeline.datasets.versioning import DatasetBuildSettings, build_dataset, write_dataset
+    from hema_pipeline.defs.datasets import DatasetHandle
     from hema_pipeline.export.pbc import PbcExportSpec, export_pbc_as_smears
     from hema_pipeline.ingest.inbox import Inbox
     from hema_pipeline.ingest.smear_import import ImportTargets, import_smear
@@ -142,19 +141,11 @@ def prepare_pbc8(
 
     # The cell_table asset's snapshot: every row of `cells`.
     cells = warehouse.query("select * from cells order by cell_uid")
-    # The pbc8_dataset asset with its default DatasetBuildConfig, except seed and (if given) image size and crop.
-    defaults = DatasetBuildConfig()
-    dataset_config = DatasetConfig(
-        task=task,
-        fractions=SplitFractions(
-            defaults.train_fraction, defaults.validation_fraction, defaults.calibration_fraction, defaults.test_fraction
-        ),
-        seed=seed,
-        image_size=TASKS[task].image_size if image_size is None else image_size,
-        augmentation=AugmentationConfig(),
-        balance_classes=defaults.balance_classes,
-        crop_fraction=defaults.crop_fraction if crop_fraction is None else crop_fraction,
-    )
+    # The dataset asset's default build settings, except seed and (if given) image size and crop.
+    defaults = DatasetBuildSettings(seed=seed, image_size=image_size)
+    if crop_fraction is not None:
+        defaults = dataclasses.replace(defaults, crop_fraction=crop_fraction)
+    dataset_config = defaults.dataset_config(task)
     started = time.perf_counter()
     built = build_dataset(cells, dataset_config, defaults.min_cells_per_class, defaults.min_patients_per_class)
     record = write_dataset(built, lake, warehouse)

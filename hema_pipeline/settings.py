@@ -119,16 +119,20 @@ def retraining_sensor_interval_seconds() -> int:
     return int(_env("HEMA_RETRAIN_SENSOR_INTERVAL_SECONDS", "600"))
 
 
-def retrain_min_new_verified_cells() -> int:
-    return int(_env("HEMA_RETRAIN_MIN_NEW_VERIFIED_CELLS", "500"))
+# Unset (None): the domain default (``monitoring.retraining.RetrainingPolicy``), written there only.
+def retrain_min_new_verified_cells() -> int | None:
+    value = _env("HEMA_RETRAIN_MIN_NEW_VERIFIED_CELLS", "")
+    return int(value) if value else None
 
 
-def retrain_max_referred_share() -> float:
-    return float(_env("HEMA_RETRAIN_MAX_REFERRED_SHARE", "0.25"))
+def retrain_max_referred_share() -> float | None:
+    value = _env("HEMA_RETRAIN_MAX_REFERRED_SHARE", "")
+    return float(value) if value else None
 
 
-def retrain_min_predictions_for_drift() -> int:
-    return int(_env("HEMA_RETRAIN_MIN_PREDICTIONS_FOR_DRIFT", "1000"))
+def retrain_min_predictions_for_drift() -> int | None:
+    value = _env("HEMA_RETRAIN_MIN_PREDICTIONS_FOR_DRIFT", "")
+    return int(value) if value else None
 
 
 def retrain_tasks_without_champion() -> bool:

@@ -149,3 +149,15 @@ def pipeline_env_on_both_warehouses() -> object:
         return pipeline_env
 
     return pipeline_env
+
+
+SERVER_FIXTURES = frozenset({"postgres_server", "postgres_database", "s3_endpoint"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that needs a server (PostgreSQL, moto_server), directly or through a "postgres" parameter,
+    is slow by definition, so `make check` leaves it out without anyone having to remember the mark."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or "postgres" in params.values():
+            item.add_marker(pytest.mark.slow)

@@ -5,6 +5,7 @@ run-failure sensor that records failed runs in the warehouse. The decisions are 
 # No `from __future__ import annotations`: Dagster reads the context and resource annotations at definition time.
 import datetime as dt
 import json
+from typing import Any
 
 import dagster as dg
 
@@ -25,13 +26,17 @@ from hema_pipeline.monitoring.retraining import (
 MODEL_STAGES = ("trained_model", "calibration", "model", "champion")
 
 
-class RetrainingPolicyResource(dg.ConfigurableResource):
-    """When the retraining sensor launches a task's training (defaults from HEMA_RETRAIN_* variables).
-    The promotion gate still decides whether the new model replaces the champion."""
+_POLICY_DEFAULTS = RetrainingPolicy()
 
-    min_new_verified_cells: int = 500
-    max_referred_share: float = 0.25
-    min_predictions_for_drift: int = 1000
+
+class RetrainingPolicyResource(dg.ConfigurableResource):
+    """When the retraining sensor launches a task's training: the fields of ``RetrainingPolicy`` with its
+    defaults, overridden by HEMA_RETRAIN_* variables where set. The promotion gate still decides whether
+    the new model replaces the champion."""
+
+    min_new_verified_cells: int = _POLICY_DEFAULTS.min_new_verified_cells
+    max_referred_share: float = _POLICY_DEFAULTS.max_referred_share
+    min_predictions_for_drift: int = _POLICY_DEFAULTS.min_predictions_for_drift
     # A task's first model is a deliberate act (materialise it in the UI); set true to let the sensor
     # train any task that reaches min_new_verified_cells without a champion.
     train_tasks_without_champion: bool = False
@@ -46,10 +51,13 @@ class RetrainingPolicyResource(dg.ConfigurableResource):
 
 
 def retraining_policy_from_settings() -> RetrainingPolicyResource:
+    overrides: dict[str, Any] = {
+        "min_new_verified_cells": settings.retrain_min_new_verified_cells(),
+        "max_referred_share": settings.retrain_max_referred_share(),
+        "min_predictions_for_drift": settings.retrain_min_predictions_for_drift(),
+    }
     return RetrainingPolicyResource(
-        min_new_verified_cells=settings.retrain_min_new_verified_cells(),
-        max_referred_share=settings.retrain_max_referred_share(),
-        min_predictions_for_drift=settings.retrain_min_predictions_for_drift(),
+        **{name: value for name, value in overrides.items() if value is not None},
         train_tasks_without_champion=settings.retrain_tasks_without_champion(),
     )
 

@@ -7,21 +7,24 @@ from dataclasses import dataclass
 import dagster as dg
 import pandas as pd
 
-from hema_pipeline.datasets.augmentation import AugmentationConfig
 from hema_pipeline.datasets.near_duplicates import (
     DEFAULT_MAX_DISTANCE,
     cells_to_drop_for_near_duplicates,
     cross_split_near_duplicates_in_manifest,
     near_duplicates_across_patients,
 )
-from hema_pipeline.datasets.splits import SPLIT_NAMES, SplitFractions
+from hema_pipeline.datasets.splits import SPLIT_NAMES
 from hema_pipeline.datasets.tasks import (
-    DEFAULT_MIN_CELLS_PER_CLASS,
-    DEFAULT_MIN_PATIENTS_PER_CLASS,
     TASKS,
     TaskDataError,
 )
-from hema_pipeline.datasets.versioning import DatasetConfig, build_dataset, read_manifest_parquet, write_dataset
+from hema_pipeline.datasets.versioning import (
+    DatasetBuildSettings,
+    DatasetConfig,
+    build_dataset,
+    read_manifest_parquet,
+    write_dataset,
+)
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
 from hema_pipeline.defs.quality import CellSnapshot
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
@@ -46,24 +49,27 @@ class DatasetHandle:
         return read_manifest_parquet(lake, self.task, self.dataset_version)
 
 
+_BUILD_DEFAULTS = DatasetBuildSettings()
+
+
 class DatasetBuildConfig(dg.Config):
-    seed: int = 0
-    # None: the task's own (`Task.image_size`: 128 px for the typing tasks, whose pretrained network was
-    # measured there; 96 px for the from-scratch specialists). Part of the dataset version.
-    image_size: int | None = None
-    # Centred share of each image's shortest side the networks see (CellaVision centres the cell): at 0.75
-    # the cell is seen at the resolution of a 4/3 larger whole image, for the compute of image_size.
-    crop_fraction: float = 0.75
-    train_fraction: float = 0.6
-    validation_fraction: float = 0.15
-    calibration_fraction: float = 0.1
-    test_fraction: float = 0.15
-    min_cells_per_class: int = DEFAULT_MIN_CELLS_PER_CLASS
-    min_patients_per_class: int = DEFAULT_MIN_PATIENTS_PER_CLASS
-    balance_classes: bool = True
-    # Before splitting, one image of each confirmed near-duplicate pair across patients is dropped, so the
-    # blocking leakage check after the split guards rather than routinely stops (PBC holds such a pair).
-    near_duplicate_max_distance: int = DEFAULT_MAX_DISTANCE
+    """The launchpad face of ``datasets.versioning.DatasetBuildSettings``: the same fields with the same
+    defaults (a test holds them together)."""
+
+    seed: int = _BUILD_DEFAULTS.seed
+    image_size: int | None = _BUILD_DEFAULTS.image_size
+    crop_fraction: float = _BUILD_DEFAULTS.crop_fraction
+    train_fraction: float = _BUILD_DEFAULTS.train_fraction
+    validation_fraction: float = _BUILD_DEFAULTS.validation_fraction
+    calibration_fraction: float = _BUILD_DEFAULTS.calibration_fraction
+    test_fraction: float = _BUILD_DEFAULTS.test_fraction
+    min_cells_per_class: int = _BUILD_DEFAULTS.min_cells_per_class
+    min_patients_per_class: int = _BUILD_DEFAULTS.min_patients_per_class
+    balance_classes: bool = _BUILD_DEFAULTS.balance_classes
+    near_duplicate_max_distance: int = _BUILD_DEFAULTS.near_duplicate_max_distance
+
+    def build_settings(self) -> DatasetBuildSettings:
+        return DatasetBuildSettings(**self.model_dump())
 
 
 def dataset_asset_key(task: str) -> dg.AssetKey:
@@ -104,17 +110,7 @@ def build_dataset_asset(task_name: str) -> dg.AssetsDefinition:
         warehouse: WarehouseResource,
     ):
         lake = storage.lake()
-        dataset_config = DatasetConfig(
-            task=task_name,
-            fractions=SplitFractions(
-                config.train_fraction, config.validation_fraction, config.calibration_fraction, config.test_fraction
-            ),
-            seed=config.seed,
-            image_size=task.image_size if config.image_size is None else config.image_size,
-            augmentation=AugmentationConfig(),
-            balance_classes=config.balance_classes,
-            crop_fraction=config.crop_fraction,
-        )
+        dataset_config = config.build_settings().dataset_config(task_name)
         cells = cell_table.load(lake)
         candidates = task.select_rows(cells)
         with warehouse.warehouse().connect() as connection:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import dagster as dg
 import pandas as pd
 
-from hema_pipeline import settings
 from hema_pipeline.defs.ingest import imported_smear
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
 from hema_pipeline.quality.cell_suite import CHECK_GROUPS, CLASS_MINIMUMS, CellTableRules, validate_cell_table
@@ -70,14 +69,26 @@ def cell_table(
     )
 
 
+_RULE_DEFAULTS = CellTableRules()
+
+
 class CellTableCheckConfig(dg.Config):
-    # The import quarantines cells outside HEMA_CELL_MIN_SIDE_PX..HEMA_CELL_MAX_SIDE_PX, so with these
-    # defaults the dimension check guards that invariant; narrowing it here makes it a stricter gate.
-    min_width: int = settings.cell_side_range()[0]
-    max_width: int = settings.cell_side_range()[1]
-    min_height: int = settings.cell_side_range()[0]
-    max_height: int = settings.cell_side_range()[1]
-    min_verified_per_class: int = 20
+    """The launchpad face of ``quality.cell_suite.CellTableRules`` (its ranges as min/max fields), with its
+    defaults: the import's accepted side range, so the dimension check guards that invariant; narrowing
+    it here makes it a stricter gate."""
+
+    min_width: int = _RULE_DEFAULTS.width_range[0]
+    max_width: int = _RULE_DEFAULTS.width_range[1]
+    min_height: int = _RULE_DEFAULTS.height_range[0]
+    max_height: int = _RULE_DEFAULTS.height_range[1]
+    min_verified_per_class: int = _RULE_DEFAULTS.min_verified_per_class
+
+    def rules(self) -> CellTableRules:
+        return CellTableRules(
+            width_range=(self.min_width, self.max_width),
+            height_range=(self.min_height, self.max_height),
+            min_verified_per_class=self.min_verified_per_class,
+        )
 
 
 def _cell_table_check(group: str, description: str) -> dg.AssetChecksDefinition:
@@ -93,12 +104,7 @@ def _cell_table_check(group: str, description: str) -> dg.AssetChecksDefinition:
         description=f"Great Expectations: {description}" + ("" if blocking else " (warning only)"),
     )
     def check(config: CellTableCheckConfig, cell_table: CellSnapshot, storage: StorageResource) -> dg.AssetCheckResult:
-        rules = CellTableRules(
-            width_range=(config.min_width, config.max_width),
-            height_range=(config.min_height, config.max_height),
-            min_verified_per_class=config.min_verified_per_class,
-        )
-        result = validate_cell_table(cell_table.load(storage.lake()), rules, groups=[group])[group]
+        result = validate_cell_table(cell_table.load(storage.lake()), config.rules(), groups=[group])[group]
         return dg.AssetCheckResult(
             passed=result.success,
             severity=severity,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pandas as pd
 
-from hema_pipeline import taxonomy
+from hema_pipeline import settings, taxonomy
 from hema_pipeline.anonymise.pseudonymise import PSEUDONYM_HEX_CHARS
 from hema_pipeline.datasets.tasks import TASKS, get_task
 
@@ -169,8 +169,9 @@ REDACTED: Final = "<redacted>"
 class CellTableRules:
     """What the checks accept. Defaults fit CellaVision DM96 crops (360x363, a few 366x369 / 360x360)."""
 
-    width_range: tuple[int, int] = (300, 400)
-    height_range: tuple[int, int] = (300, 400)
+    # The range the import accepts (HEMA_CELL_MIN_SIDE_PX..HEMA_CELL_MAX_SIDE_PX): the check guards it.
+    width_range: tuple[int, int] = field(default_factory=settings.cell_side_range)
+    height_range: tuple[int, int] = field(default_factory=settings.cell_side_range)
     # tasks whose classes need ``min_verified_per_class`` verified cells each
     tasks: tuple[str, ...] = tuple(TASKS)
     min_verified_per_class: int = 20

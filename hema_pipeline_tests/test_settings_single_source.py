@@ -1,0 +1,63 @@
+"""One source for every setting (issue 16 item 2): each Dagster config or resource is the launchpad face of
+a domain settings type, with the same fields and the same defaults; the domain type is where a default is
+written. A field added to the domain type without its launchpad face fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hema_pipeline.datasets.versioning import DatasetBuildSettings, DatasetConfig
+from hema_pipeline.defs.automation import RetrainingPolicyResource, retraining_policy_from_settings
+from hema_pipeline.defs.datasets import DatasetBuildConfig
+from hema_pipeline.defs.models import PromotionConfig
+from hema_pipeline.defs.predictions import FlagThresholdsConfig
+from hema_pipeline.defs.quality import CellTableCheckConfig
+from hema_pipeline.inference.differential import FlagSettings
+from hema_pipeline.modeling.registry import PromotionPolicy
+from hema_pipeline.monitoring.retraining import RetrainingPolicy
+from hema_pipeline.quality.cell_suite import CellTableRules
+
+
+def _domain_defaults(cls) -> dict:
+    return {field.name: getattr(cls(), field.name) for field in dataclasses.fields(cls)}
+
+
+def _launchpad_defaults(cls) -> dict:
+    return {name: field.default for name, field in cls.model_fields.items()}
+
+
+def test_dataset_build_config_is_the_domain_build_settings():
+    assert _launchpad_defaults(DatasetBuildConfig) == _domain_defaults(DatasetBuildSettings)
+    assert DatasetBuildConfig().build_settings() == DatasetBuildSettings()
+    # The low-level dataset config agrees on the crop (it disagreed: 1.0 against the asset's 0.75).
+    assert DatasetConfig(task="pbc8").crop_fraction == DatasetBuildSettings().crop_fraction == 0.75
+    assert DatasetBuildConfig(crop_fraction=0.6, seed=3).build_settings().dataset_config("wbc4").crop_fraction == 0.6
+
+
+def test_promotion_config_is_the_domain_policy():
+    assert _launchpad_defaults(PromotionConfig) == _domain_defaults(PromotionPolicy)
+
+
+def test_flag_thresholds_config_is_the_domain_flag_settings_but_the_fitted_threshold():
+    launchpad, domain = _launchpad_defaults(FlagThresholdsConfig), _domain_defaults(FlagSettings)
+    assert launchpad.pop("dysplasia_share_threshold") is None  # resolved at run time: the newest fit, else the domain's
+    domain.pop("dysplasia_share_threshold")
+    assert launchpad == domain
+
+
+def test_cell_table_check_config_is_the_domain_rules():
+    assert CellTableCheckConfig().rules() == CellTableRules()
+
+
+def test_retraining_resource_is_the_domain_policy_and_environment_variables_override_it(monkeypatch):
+    resource = _launchpad_defaults(RetrainingPolicyResource)
+    assert {name: resource[name] for name in _domain_defaults(RetrainingPolicy)} == _domain_defaults(RetrainingPolicy)
+    for name in (
+        "HEMA_RETRAIN_MIN_NEW_VERIFIED_CELLS",
+        "HEMA_RETRAIN_MAX_REFERRED_SHARE",
+        "HEMA_RETRAIN_MIN_PREDICTIONS_FOR_DRIFT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert retraining_policy_from_settings().policy() == RetrainingPolicy()
+    monkeypatch.setenv("HEMA_RETRAIN_MIN_NEW_VERIFIED_CELLS", "120")
+    assert retraining_policy_from_settings().policy() == dataclasses.replace(RetrainingPolicy(), min_new_verified_cells=120)
