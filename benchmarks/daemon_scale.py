@@ -199,39 +199,42 @@ def main() -> int:
             }
             print(json.dumps(figures["trickle"]), flush=True)
 
-            imports_before = len(dagster.runs("import_smears"))
-            for _, path in burst:
-                _upload(inbox, path)
-            burst_uploaded = _utc_now()
-            uploaded = {smear_id: burst_uploaded for smear_id, _ in burst}
-            done = _wait_for_predictions(warehouse, [smear for smear, _ in burst], args.timeout, dagster)
-            latencies = _latencies(uploaded, done)
-            makespan = max(latencies)
-            figures["burst"] = {
-                "smears": len(burst),
-                "makespan_seconds": makespan,
-                "smears_per_hour": len(burst) / makespan * 3600,
-                "latency_median_seconds": statistics.median(latencies),
-                "latency_p95_seconds": _percentile(latencies, 0.95),
-                "prediction_runs": len({run for _, run in done.values()}),
-                "import_runs": len(dagster.runs("import_smears")) - imports_before,
-            }
-            print(json.dumps(figures["burst"]), flush=True)
+            if burst:
+                imports_before = len(dagster.runs("import_smears"))
+                for _, path in burst:
+                    _upload(inbox, path)
+                burst_uploaded = _utc_now()
+                uploaded = {smear_id: burst_uploaded for smear_id, _ in burst}
+                done = _wait_for_predictions(warehouse, [smear for smear, _ in burst], args.timeout, dagster)
+                latencies = _latencies(uploaded, done)
+                makespan = max(latencies)
+                figures["burst"] = {
+                    "smears": len(burst),
+                    "makespan_seconds": makespan,
+                    "smears_per_hour": len(burst) / makespan * 3600,
+                    "latency_median_seconds": statistics.median(latencies),
+                    "latency_p95_seconds": _percentile(latencies, 0.95),
+                    "prediction_runs": len({run for _, run in done.values()}),
+                    "import_runs": len(dagster.runs("import_smears")) - imports_before,
+                }
+                print(json.dumps(figures["burst"]), flush=True)
             figures["inbox_objects_left"] = sum(1 for _ in inbox.list())
             shutil.copyfile(dagster.log, args.out.with_suffix(".log"))
     args.out.write_text(json.dumps(figures, indent=2, default=str))
-    trickle, burst = figures["trickle"], figures["burst"]
+    trickle, burst = figures["trickle"], figures.get("burst")
     print("\n| figure | value |\n|---|---:|")
     print(
         f"| trickle ({trickle['smears']} smears, one every {trickle['gap_seconds']:.0f} s): upload → predictions, median / p95 | {trickle['latency_median_seconds']:.0f} s / {trickle['latency_p95_seconds']:.0f} s |"
     )
-    print(
-        f"| burst of {burst['smears']} smears, {args.runs} concurrent runs: smears per hour | {burst['smears_per_hour']:,.0f} |"
-    )
-    print(
-        f"| burst: upload → predictions, median / p95 / last | {burst['latency_median_seconds']:.0f} s / {burst['latency_p95_seconds']:.0f} s / {burst['makespan_seconds']:.0f} s |"
-    )
-    print(f"| burst: import runs / prediction runs | {burst['import_runs']} / {burst['prediction_runs']} |")
+    if burst:
+        print(
+            f"| burst of {burst['smears']} smears, {args.runs} concurrent runs: smears per hour | {burst['smears_per_hour']:,.0f} |"
+        )
+        print(
+            f"| burst: upload → predictions, median / p95 / last | {burst['latency_median_seconds']:.0f} s / "
+            f"{burst['latency_p95_seconds']:.0f} s / {burst['makespan_seconds']:.0f} s |"
+        )
+        print(f"| burst: import runs / prediction runs | {burst['import_runs']} / {burst['prediction_runs']} |")
     print(f"| inbox objects left after the run (archive on) | {figures['inbox_objects_left']} |")
     return 0
 
