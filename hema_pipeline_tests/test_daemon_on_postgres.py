@@ -1,7 +1,9 @@
 """A burst through the real daemon on the network-scale storage: `dagster dev` with Dagster's instance on
-PostgreSQL (psycopg2 scheme) and the warehouse on PostgreSQL. Twelve smears arrive at once; the inbox
-sensor requests twelve imports; the queue holds the run limit and the `duckdb_writer` pool holds its
-slots; every smear is imported once, with no row lost or duplicated."""
+PostgreSQL (psycopg2 scheme) and the warehouse on PostgreSQL, a pbc8 champion in place. Twelve smears
+arrive at once; the inbox sensor requests twelve imports and declarative automation their predictions
+(batched where several were imported within one tick); the queue holds the run limit and the
+`duckdb_writer` pool holds its slots across imports and predictions; every smear is imported and
+predicted once, with no row lost or duplicated."""
 
 from __future__ import annotations
 
@@ -14,11 +16,19 @@ import pytest
 import yaml
 
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
+from hema_pipeline.defs.resources import WarehouseResource
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
 from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline_tests.postgres_server import create_database, dagster_instance_storage
 from hema_pipeline_tests.support import TEST_KEY
-from hema_pipeline_tests.test_ui import REPO, RUN_TIMEOUT_S, _wait_until, dagster_dev_environment, running_dagster_dev
+from hema_pipeline_tests.test_ui import (
+    REPO,
+    RUN_TIMEOUT_S,
+    _wait_until,
+    dagster_dev_environment,
+    running_dagster_dev,
+    train_a_champion_before_start,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +60,9 @@ def test_a_burst_of_imports_through_the_daemon_on_postgres_holds_every_limit(tmp
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         # What an operator sets once at scale (deploy/README.md, "Pools"): PostgreSQL takes concurrent writers.
         instance.event_log_storage.set_concurrency_slots(DUCKDB_WRITER_POOL, POOL_SLOTS)
+    train_a_champion_before_start(home, dagster_home, {"warehouse": WarehouseResource(path=warehouse_url)})
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        before = {record.dagster_run.run_id for record in instance.get_run_records()}
 
     export = generate_export(home / "inbox", SyntheticExportSpec(smears=SMEARS, cells_per_smear=CELLS, seed=71))
     environment = dagster_dev_environment(home, dagster_home, HEMA_WAREHOUSE=warehouse_url)
@@ -64,12 +77,27 @@ def test_a_burst_of_imports_through_the_daemon_on_postgres_holds_every_limit(tmp
             return succeeded if len(succeeded) >= SMEARS else None
 
         runs = _wait_until(imports_done, RUN_TIMEOUT_S * 2, f"the daemon to import {SMEARS} smears", server)
+        warehouse = Warehouse(warehouse_url)
+        burst = sorted(TEST_KEY.smear_id(smear.accession) for smear in export.smears)
+        placeholders = ", ".join("?" for _ in burst)
+
+        def predictions_done() -> bool:
+            failed = [run for run in server.runs("__ASSET_JOB") if run["status"] in ("FAILURE", "CANCELED")]
+            if failed:
+                raise AssertionError(f"prediction runs failed: {failed}\n{server.log_tail()}")
+            reported = warehouse.query(
+                f"select count(distinct smear_id) as n from smear_reports where smear_id in ({placeholders})", burst
+            )
+            return int(reported.n[0]) == SMEARS
+
+        _wait_until(predictions_done, RUN_TIMEOUT_S * 3, f"the daemon to predict {SMEARS} smears", server)
 
     assert len(runs) == SMEARS
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        records = instance.get_run_records(dg.RunsFilter(job_name="import_smears"))
+        records = [record for record in instance.get_run_records() if record.dagster_run.run_id not in before]
+        imports = [record for record in records if record.dagster_run.job_name == "import_smears"]
         assert _max_overlap([(record.start_time, record.end_time) for record in records]) <= MAX_CONCURRENT_RUNS
-        steps = []
+        steps = []  # every step in the writer pool: imports and predictions
         for record in records:
             times = {
                 event.dagster_event.event_type_value: event.timestamp
@@ -78,14 +106,20 @@ def test_a_burst_of_imports_through_the_daemon_on_postgres_holds_every_limit(tmp
             }
             steps.append((times["STEP_START"], times["STEP_SUCCESS"]))
         assert _max_overlap(steps) <= POOL_SLOTS
-        assert {record.dagster_run.tags["dagster/partition"] for record in records} == {
-            TEST_KEY.smear_id(smear.accession) for smear in export.smears
-        }
+        assert {record.dagster_run.tags["dagster/partition"] for record in imports} == set(burst)
+        assert len(records) > len(imports), "no prediction run was launched"
 
-    warehouse = Warehouse(warehouse_url)
-    cells = warehouse.query("select cell_uid from cells")
+    cells = warehouse.query(f"select cell_uid from cells where smear_id in ({placeholders})", burst)
     assert len(cells) == SMEARS * CELLS and cells["cell_uid"].is_unique
-    runs_per_smear = warehouse.query("select smear_id, count(*) as n from import_runs group by 1")
+    runs_per_smear = warehouse.query(
+        f"select smear_id, count(*) as n from import_runs where smear_id in ({placeholders}) group by 1", burst
+    )
     assert len(runs_per_smear) == SMEARS and set(runs_per_smear["n"]) == {1}
+    # One prediction per cell and model, whichever batch predicted it: nothing lost, nothing twice.
+    predicted = warehouse.query(
+        f"select count(*) as n, count(distinct cell_uid) as cells from predictions where task = 'pbc8' and smear_id in ({placeholders})",
+        burst,
+    ).iloc[0]
+    assert (int(predicted.n), int(predicted.cells)) == (SMEARS * CELLS, SMEARS * CELLS)
     assert not (home / "warehouse.duckdb").exists(), "the warehouse setting did not reach the runs"
     shutil.rmtree(home / "inbox")
