@@ -36,10 +36,10 @@ format: $(BIN)/hema
 	$(BIN)/ruff check --fix hema_pipeline hema_pipeline_tests benchmarks
 	$(BIN)/ruff format hema_pipeline hema_pipeline_tests benchmarks
 
-# The fast loop while working: the gates and every test not marked slow (nothing that trains a network
-# or starts a server).
+# The fast loop while working: the gates and every test not marked slow or shared_data (nothing that trains a network,
+# starts a server or reads the real images).
 check: lint
-	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m "not slow and not shared_data" -p no:cacheprovider
 
 ui: $(BIN)/hema
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true

@@ -7,6 +7,7 @@ import os
 import time
 
 import dagster as dg
+import pytest
 
 from hema_pipeline.defs.ingest import inbox_sensor, nightly_import_schedule, smear_partitions
 from hema_pipeline.export.synthetic import SyntheticExportSpec, generate_export
@@ -90,6 +91,7 @@ def test_definitions_load_with_sensor_schedule_and_job(dagster_instance):
     assert repository.has_job("import_smears")
 
 
+@pytest.mark.slow  # starts Python processes that load the code locations
 def test_workspace_loads_in_the_dagster_cli(tmp_path):
     """What `dagster dev` loads: workspace.yaml -> the code location, validated by Dagster itself."""
     import subprocess

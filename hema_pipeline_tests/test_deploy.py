@@ -182,6 +182,7 @@ def _load_location(location: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # starts Python processes that load the code locations
 def test_the_two_code_locations_split_the_definitions_and_the_identifiable_zone():
     ingest, ml, everything = (_load_location(name) for name in ("ingest", "ml", "all"))
     assert ingest["assets"] == ["imported_smear"] and ingest["jobs"] == ["import_smears"]

@@ -95,6 +95,7 @@ def test_metadata_round_trips_and_matches_the_files(tmp_path):
             assert cell.verified_class in (None, smear.true_classes[cell.cell_id])
 
 
+@pytest.mark.slow  # generates a full default export
 def test_default_export_holds_every_pbc_class_and_repeat_patients(default_export):
     counts = collections.Counter(label for smear in default_export.smears for label in smear.true_classes.values())
     assert sum(counts.values()) == 600
@@ -263,6 +264,7 @@ def _pixels(cell_class: str, seed: int, count: int) -> list[np.ndarray]:
     return [np.asarray(image.resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32).ravel() / 255 for image in images]
 
 
+@pytest.mark.slow  # fits a classifier on generated images
 def test_classes_are_learnable_from_downsampled_pixels():
     """A nearest-centroid classifier on 32x32 pixels (chance: 1/8) must separate the PBC classes, and
     hypogranulated from normal neutrophils: the images carry class information, not just noise."""

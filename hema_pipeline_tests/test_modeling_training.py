@@ -68,6 +68,8 @@ from hema_pipeline.modeling.training import (
 from hema_pipeline.storage.object_store import LocalObjectStore
 from hema_pipeline.storage.warehouse import Warehouse
 
+pytestmark = pytest.mark.slow  # every test here trains a network
+
 CLASSES = ["dark", "bright"]
 SIZE = 16
 TINY = ArchitectureConfig(name="tiny", family="compact_cnn", input_size=SIZE, widths=(4, 8), dense_units=8)

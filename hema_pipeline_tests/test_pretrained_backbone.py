@@ -35,6 +35,8 @@ from hema_pipeline.modeling.networks import (
 from hema_pipeline.modeling.registry import model_from_bytes, model_to_bytes
 from hema_pipeline.storage.object_store import LocalObjectStore
 
+pytestmark = pytest.mark.slow  # every test here builds the pretrained network from its checkpoint
+
 # Debian's darknet package ships these sample photos (installed by .ci/run).
 DARKNET_DATA = Path(os.environ.get("HEMA_DARKNET_DATA", "/usr/share/darknet/data"))
 # The few ImageNet-1k class indices the checks need.

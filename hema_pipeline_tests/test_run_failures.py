@@ -57,5 +57,5 @@ def test_a_failed_import_run_is_recorded_once(pipeline_env, dagster_instance) ->
     assert row.trigger == "inbox"
     assert list(row.failed_steps) == ["imported_smear"]
     assert "Failure" in list(row.error_types)
-    assert "no folder in the inbox pseudonymises" in row.message
+    assert "no folder in the inbox or its archive pseudonymises" in row.message
     assert str(env.home) not in row.message

@@ -356,7 +356,7 @@ def test_failed_run_is_recorded_by_the_run_failure_sensor(dagster_server: Dagste
 
     [row] = _wait_until(recorded, RUN_TIMEOUT_S, "the run-failure sensor to record the failed run", server)
     assert row["partition_key"] == missing and row["job_name"] == "import_smears"
-    assert "no folder in the inbox pseudonymises" in row["message"]
+    assert "no folder in the inbox or its archive pseudonymises" in row["message"]
 
 
 def test_asset_graph_renders_in_headless_chromium(dagster_server: DagsterServer, tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ def imported_smear(
                 located.smear,
                 key,
                 import_targets(storage, warehouse),
-                context.run_id,
+                context.run.run_id,
                 ImportLimits.from_settings(),
             )
             archive = source.archive_imported(located, smear_id)
@@ -183,7 +183,6 @@ def _describe(plan: ImportPlan) -> str:
 import_smears_job = dg.define_asset_job(
     "import_smears",
     selection=dg.AssetSelection.assets(imported_smear),
-    partitions_def=smear_partitions,
     description="Import (and anonymise) one smear partition from the inbox.",
     # An import takes seconds to minutes; one left STARTED by a crash of its code server is ended by run
     # monitoring after HEMA_IMPORT_MAX_RUNTIME_SECONDS, not after the instance-wide limit sized for training.

@@ -5,7 +5,6 @@ report (differential with exact intervals, flags). Thresholds are an asset of th
 # No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
 import hashlib
 import json
-import uuid
 from dataclasses import asdict
 
 import dagster as dg
@@ -174,7 +173,7 @@ def smear_predictions(
     )
     report_settings = ReportSettings(flags=FlagSettings(**flag_thresholds))
     store, lake = warehouse.warehouse(), storage.lake()
-    run_id = context.run_id or uuid.uuid4().hex
+    run_id = context.run.run_id
     predicted: dict[str, dict] = {}
     without_cells: list[str] = []
     failed: dict[str, str] = {}
@@ -255,7 +254,6 @@ prediction_automation_sensor = dg.AutomationConditionSensorDefinition(
 predict_smears_job = dg.define_asset_job(
     "predict_smears",
     selection=dg.AssetSelection.assets("smear_predictions", "smear_report"),
-    partitions_def=smear_partitions,
     tags=k8s_tags(PREDICTION_RUN_POD),
     description="Classify one smear partition with the current champions and write its report.",
 )

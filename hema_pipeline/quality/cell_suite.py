@@ -537,6 +537,7 @@ def validate_cell_table(
         )
     if CLASS_MINIMUMS in outcomes and rules.tasks:
         import great_expectations.expectations as gxe
+        from great_expectations.expectations.row_conditions import Column
 
         counts = _class_count_frame(frame, rules)
         run(
@@ -547,8 +548,7 @@ def validate_cell_table(
                     gxe.ExpectColumnValuesToBeBetween(
                         column="verified_cells",
                         min_value=rules.min_verified_per_class,
-                        row_condition=f'task=="{task}"',
-                        condition_parser="pandas",
+                        row_condition=Column("task") == task,
                     ),
                     "verified_class",
                     examples="class_counts",
