@@ -44,7 +44,7 @@ from hema_pipeline.modeling.calibration import (
     ReferralOutcome,
     ReferralPolicy,
 )
-from hema_pipeline.modeling.evaluation import EvaluationReport
+from hema_pipeline.modeling.evaluation import PER_CLASS_COLUMNS, EvaluationReport
 from hema_pipeline.storage.object_store import ObjectStore
 from hema_pipeline.storage.warehouse import Warehouse, replace_rows
 
@@ -425,21 +425,15 @@ def _model_row(card: ModelCard) -> pd.DataFrame:
     return frame
 
 
-_EVALUATION_COLUMNS = (
+_REFERRAL_COLUMNS = ("referral_threshold", "referral_threshold_source", "referral_coverage", "referral_accepted_accuracy")
+_EVALUATION_COLUMNS = (*PER_CLASS_COLUMNS, *_REFERRAL_COLUMNS)
+_WHOLE_NUMBER_OR_TEXT_COLUMNS = (
     "class_index",
     "class_name",
     "support",
     "predicted",
     "true_positives",
-    "precision",
-    "recall",
-    "specificity",
-    "f1",
-    "roc_auc",
-    "referral_threshold",
     "referral_threshold_source",
-    "referral_coverage",
-    "referral_accepted_accuracy",
 )
 
 
@@ -449,17 +443,9 @@ def _evaluation_rows(card: ModelCard) -> pd.DataFrame:
     if missing:
         raise ValueError(f"per-class metrics lack {missing}")
     frame = frame[list(_EVALUATION_COLUMNS)].copy()
-    for column in (
-        "precision",
-        "recall",
-        "specificity",
-        "f1",
-        "roc_auc",
-        "referral_threshold",
-        "referral_coverage",
-        "referral_accepted_accuracy",
-    ):
-        frame[column] = pd.to_numeric(frame[column], errors="raise").astype("float64")
+    for column in _EVALUATION_COLUMNS:
+        if column not in _WHOLE_NUMBER_OR_TEXT_COLUMNS:
+            frame[column] = pd.to_numeric(frame[column], errors="raise").astype("float64")
     frame.insert(0, "model_version", card.model_version)
     return frame
 
