@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import dagster as dg
 
 from hema_pipeline.defs.ingest import inbox_sensor, smear_partition_retention_sensor, smear_partitions
@@ -31,7 +33,7 @@ def _report_row(connection, smear_id: str) -> None:
     )
 
 
-def test_only_settled_smears_lose_their_partition_and_come_back_with_a_new_export(pipeline_env, dagster_instance):
+def test_only_settled_smears_lose_their_partition_and_come_back_with_a_new_export(pipeline_env, dagster_instance, monkeypatch):
     export = generate_export(pipeline_env.inbox, SyntheticExportSpec(smears=4, cells_per_smear=4, seed=81))
     predicted, unpredicted, empty, recent = (TEST_KEY.smear_id(smear.accession) for smear in export.smears)
     for image in export.smears[2].folder.glob("*.jpg"):
@@ -57,6 +59,13 @@ def test_only_settled_smears_lose_their_partition_and_come_back_with_a_new_expor
     [request] = result.dynamic_partitions_requests
     assert isinstance(request, dg.DeleteDynamicPartitionsRequest)
     assert sorted(request.partition_keys) == sorted([predicted, empty])
+    # The live set is looked up in chunks: one smear a query gives the same answer.
+    from hema_pipeline.monitoring import retention
+
+    monkeypatch.setattr(retention, "_CHUNK", 1)
+    live = dagster_instance.get_dynamic_partitions(smear_partitions.name)
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=14)
+    assert retention.settled_smears(Warehouse(pipeline_env.warehouse), live, cutoff, 10) == list(request.partition_keys)
     for smear_id in request.partition_keys:
         dagster_instance.delete_dynamic_partition(smear_partitions.name, smear_id)
     assert sorted(dagster_instance.get_dynamic_partitions(smear_partitions.name)) == sorted([unpredicted, recent])
