@@ -345,7 +345,7 @@ def main() -> int:
         from hema_pipeline import settings
         from hema_pipeline.cli import main as hema_main
         from hema_pipeline.defs.definitions import defs
-        from hema_pipeline.defs.predictions import _champion_classifiers
+        from hema_pipeline.inference.champions import champion_classifiers
         from hema_pipeline.inference.classify import classify_files
         from hema_pipeline.inference.predict import CellClassifier
         from hema_pipeline.modeling.registry import current_champion, load_model
@@ -373,7 +373,7 @@ def main() -> int:
         # Model load alone (what every classify start and every prediction run pays).
         mark = time.perf_counter()
         loaded = load_model(lake, warehouse, "pbc8")
-        classifier = CellClassifier(loaded.model, loaded.card)
+        classifier = CellClassifier(loaded.model, loaded.card.contract())
         figures["pbc8_load_s"] = time.perf_counter() - mark
         size, pixel_range = loaded.card.input_size, classifier.pixel_range
         figures["input_size"], figures["pixel_range"] = size, pixel_range
@@ -420,7 +420,7 @@ def main() -> int:
             runs.append({"smear": partition, "cells": int(cells_by_smear.get(partition, 0)), "wall_s": wall, "step_s": step})
         figures["asset_runs"] = runs
         mark = time.perf_counter()
-        _champion_classifiers(defs.resources["storage"], defs.resources["warehouse"])
+        champion_classifiers(lake, warehouse, ("pbc8", "neutrophil_dysplasia", "lymphocyte_malignancy"))
         figures["asset_model_load_s"] = time.perf_counter() - mark
         predicted_rows = warehouse.query("select count(distinct cell_uid) as cells, count(*) as rows from predictions").iloc[0]
         figures["asset_prediction_rows"] = int(predicted_rows.rows)

@@ -57,8 +57,7 @@ PBC_FOLDER_NAMES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte"
 
 def derived_handle(prepared, held_out_class: str):
     """The pbc8 dataset without ``held_out_class``: same cells, same patient-grouped splits, seven classes."""
-    from hema_pipeline.datasets.versioning import manifest_key
-    from hema_pipeline.defs.datasets import DatasetHandle
+    from hema_pipeline.datasets.versioning import DatasetHandle, manifest_key
     from hema_pipeline.storage.object_store import LocalObjectStore
 
     lake = LocalObjectStore(prepared.lake_url)
@@ -96,7 +95,6 @@ def outputs_for_rows(model, lake, rows, image_size: int, crop_fraction: float, t
 
 def run_one(prepared, held_out_class: str, args) -> dict:
     from hema_pipeline.datasets.splits import CALIBRATION, TEST, TRAIN
-    from hema_pipeline.defs.models import _outputs, _SplitReader
     from hema_pipeline.modeling.calibration import (
         MahalanobisScorer,
         OodThreshold,
@@ -108,24 +106,24 @@ def run_one(prepared, held_out_class: str, args) -> dict:
         triage_cells,
     )
     from hema_pipeline.modeling.evaluation import evaluate_logits
-    from hema_pipeline.modeling.registry import model_from_bytes
+    from hema_pipeline.modeling.stage import SplitReader, load_trained
     from hema_pipeline.storage.object_store import LocalObjectStore
 
     lake = LocalObjectStore(prepared.lake_url)
     handle, held_out_rows = derived_handle(prepared, held_out_class)
     LOG.info("%s held out: %d known cells, %d held-out cells", held_out_class, len(handle.manifest(lake)), len(held_out_rows))
     started = time.perf_counter()
-    trained_output, calibration_output = train_and_calibrate(
+    trained_model, calibration = train_and_calibrate(
         prepared, handle, args.architecture, args.epochs, args.patience, args.train_seed
     )
-    trained, calibrated = trained_output.value, calibration_output.value
-    model = model_from_bytes(lake.get_bytes(trained.model_key))
-    reader = _SplitReader(handle, lake)
-    # Every output as the calibration asset computed its own: the dataset's crop, the calibrated views.
+    trained, calibrated = trained_model.handle, calibration.handle
+    model = load_trained(lake, trained)
+    reader = SplitReader(handle, lake)
+    # Every output as calibration computed its own: the dataset's crop, the calibrated views.
     views, crop = calibrated.test_time_views, handle.config.crop_fraction
-    known_test = _outputs(model, reader, TEST, views)
-    known_calibration = _outputs(model, reader, CALIBRATION, views)
-    known_train = _outputs(model, reader, TRAIN, views)
+    known_test = reader.outputs(model, TEST, views)
+    known_calibration = reader.outputs(model, CALIBRATION, views)
+    known_train = reader.outputs(model, TRAIN, views)
     held_test_rows = held_out_rows.loc[held_out_rows["split"] == TEST]
     held_all = outputs_for_rows(model, lake, held_out_rows, args.image_size, crop, views)
     held_test = outputs_for_rows(model, lake, held_test_rows, args.image_size, crop, views)
@@ -153,7 +151,9 @@ def run_one(prepared, held_out_class: str, args) -> dict:
     policy = ReferralPolicy.from_dict(calibrated.referral_policy)
 
     def triage_shares(logits: np.ndarray) -> dict:
-        decisions = triage_cells(logits, temperature, policy, energy_score(logits, temperature), energy_threshold).decisions
+        decisions = triage_cells(
+            logits, temperature, policy.thresholds, energy_score(logits, temperature), energy_threshold.threshold
+        ).decisions
         return {name: float((decisions == name).mean()) for name in ("accepted", "low_confidence", "unfamiliar")}
 
     predicted = softmax(held_all.logits, temperature).argmax(axis=1)

@@ -4,8 +4,8 @@
         [--test-time-views 8] [--target-accuracy 0.995] [--referral-confidence 0.95]
 
 ``train_pbc.py --keep DIR`` leaves its lake (images, the trained model), warehouse (dataset version,
-registered model) and image cache in DIR. This runs the ``pbc8_calibration`` and ``pbc8_model`` asset
-bodies again on that same trained model and dataset: a change to calibration or referral (or another
+registered model) and image cache in DIR. This runs ``calibrate`` and ``evaluate_and_register`` (what the
+``pbc8_calibration`` and ``pbc8_model`` assets call) again on that same trained model and dataset: a change to calibration or referral (or another
 target) is measured on exactly the network it is meant for, without training it again. The trained
 network is the registered one (its bytes are checked against the card's hash when loaded).
 """
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_pbc import PreparedData, asset_by_name, machine_description, register, storage_resources  # noqa: E402
+from train_pbc import PreparedData, machine_description, register  # noqa: E402
 
 
 def main() -> None:
@@ -34,11 +34,10 @@ def main() -> None:
     work = args.keep.resolve()
     os.environ["HEMA_HOME"] = str(work / "home")
 
-    import dagster as dg
-
-    from hema_pipeline.defs.datasets import DatasetHandle
-    from hema_pipeline.defs.models import CalibrationConfig, TrainedModelHandle
+    from hema_pipeline.datasets.tasks import TASKS
+    from hema_pipeline.datasets.versioning import DatasetHandle
     from hema_pipeline.modeling.registry import read_card
+    from hema_pipeline.modeling.stage import CalibrationSettings, TrainedModelHandle, calibrate
     from hema_pipeline.storage.object_store import LocalObjectStore
     from hema_pipeline.storage.warehouse import Warehouse
 
@@ -50,8 +49,6 @@ def main() -> None:
     [card_key] = warehouse.query("select card_key from models where task = 'pbc8' order by created_at limit 1").card_key
     lake = LocalObjectStore(work / "lake")
     card = read_card(lake, card_key)
-    from hema_pipeline.datasets.tasks import TASKS
-
     dataset = DatasetHandle(
         dataset_version=dataset_row.dataset_version,
         task="pbc8",
@@ -88,12 +85,9 @@ def main() -> None:
         )
         if value is not None
     }
-    storage, _ = storage_resources(prepared)
     started = time.perf_counter()
-    calibrated = asset_by_name("pbc8_calibration")(
-        dg.build_asset_context(), config=CalibrationConfig(**overrides), dataset=dataset, trained=trained, storage=storage
-    ).value
-    registered = register(prepared, trained, calibrated).value
+    calibrated = calibrate(dataset, lake, trained, CalibrationSettings(**overrides)).handle
+    registered = register(prepared, trained, calibrated).card
     summary = {
         "command": " ".join(sys.argv),
         "machine": machine_description(),

@@ -18,10 +18,11 @@ Steps, each the project's real code path:
    (60/15/10/15 patient-grouped split, default augmentation, class-balanced sampling), and the two
    leakage checks of ``pbc8_dataset_leakage_checks`` (no patient in two splits;
    ``cross_split_near_duplicates_in_manifest``).
-4. The ``pbc8_trained_model``, ``pbc8_calibration`` and ``pbc8_model`` Dagster assets, invoked directly
-   (their own bodies run, not a copy): train on the training stream with early stopping on validation;
-   temperature, referral thresholds (99.5% target) and energy OOD threshold fitted on the calibration
-   split; evaluation on the test split and registration in the (temporary) model registry.
+4. The model stage's domain functions, the ones the ``pbc8_trained_model``, ``pbc8_calibration`` and
+   ``pbc8_model`` assets call (``modeling.stage``): ``train_for_dataset`` (training stream, early stopping
+   on validation), ``calibrate`` (temperature, referral thresholds at the 99.5% target and the energy OOD
+   threshold, fitted on the calibration split), ``evaluate_and_register`` (test split, registration in the
+   temporary model registry).
 
 Everything is written under a temporary folder that is deleted at the end; the PBC tree is only read.
 Prints a Markdown table and writes every figure to ``--out`` (JSON).
@@ -39,7 +40,6 @@ import platform
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +81,7 @@ class PreparedData:
     lake_url: str
     quarantine_url: str
     warehouse_path: str
-    dataset: object  # hema_pipeline.defs.datasets.DatasetHandle
+    dataset: object  # hema_pipeline.datasets.versioning.DatasetHandle
     record: object  # hema_pipeline.datasets.versioning.DatasetRecord
     facts: dict
 
@@ -100,9 +100,7 @@ def prepare_pbc8(
     """Export -> import -> cell table -> the task's dataset (+ leakage checks), as the pipeline does it."""
     from hema_pipeline.anonymise.pseudonymise import PseudonymKey
     from hema_pipeline.datasets.near_duplicates import DEFAULT_MAX_DISTANCE, cross_split_near_duplicates_in_manifest
-    from hema_pipeline.datasets.tasks import TASKS
-    from hema_pipeline.datasets.versioning import DatasetBuildSettings, build_dataset, write_dataset
-    from hema_pipeline.defs.datasets import DatasetHandle
+    from hema_pipeline.datasets.versioning import DatasetBuildSettings, DatasetHandle, build_dataset, write_dataset
     from hema_pipeline.export.pbc import PbcExportSpec, export_pbc_as_smears
     from hema_pipeline.ingest.inbox import Inbox
     from hema_pipeline.ingest.smear_import import ImportTargets, import_smear
@@ -150,13 +148,7 @@ def prepare_pbc8(
     built = build_dataset(cells, dataset_config, defaults.min_cells_per_class, defaults.min_patients_per_class)
     record = write_dataset(built, lake, warehouse)
     facts["dataset_seconds"] = time.perf_counter() - started
-    handle = DatasetHandle(
-        dataset_version=record.dataset_version,
-        task=task,
-        classes=TASKS[task].classes,
-        manifest_key=record.manifest_key,
-        config_json=record.config_json,
-    )
+    handle = DatasetHandle.of(record)
     facts["dataset_version"] = record.dataset_version
     facts["patients"] = record.patient_count
     facts["split_counts"] = record.split_counts
@@ -200,22 +192,11 @@ def prepare_pbc8(
     )
 
 
-def storage_resources(prepared: PreparedData):
-    from hema_pipeline.defs.resources import StorageResource, WarehouseResource
+def lake_and_warehouse(prepared: PreparedData):
+    from hema_pipeline.storage.object_store import LocalObjectStore
+    from hema_pipeline.storage.warehouse import Warehouse
 
-    return (
-        StorageResource(lake_url=prepared.lake_url, quarantine_url=prepared.quarantine_url),
-        WarehouseResource(path=prepared.warehouse_path),
-    )
-
-
-def asset_by_name(name: str):
-    from hema_pipeline.defs.models import model_assets
-
-    for asset in model_assets:
-        if asset.key.to_user_string() == name:
-            return asset
-    raise KeyError(name)
+    return LocalObjectStore(prepared.lake_url), Warehouse(prepared.warehouse_path)
 
 
 def train_and_calibrate(
@@ -229,96 +210,53 @@ def train_and_calibrate(
     ensemble_members: int | None = None,
     learning_rate: float | None = None,
 ):
-    """Run the <task>_trained_model and <task>_calibration asset bodies on ``dataset`` (a DatasetHandle)."""
-    import dagster as dg
+    """``train_for_dataset`` then ``calibrate`` on ``dataset`` (a DatasetHandle), as the model assets run them;
+    a setting left as None takes the launchpad's default."""
+    from hema_pipeline.modeling.stage import CalibrationSettings, TrainingSettings, calibrate, train_for_dataset
 
-    from hema_pipeline.defs.models import CalibrationConfig, TrainingRunConfig
-
-    storage, _ = storage_resources(prepared)
-    trained_output = asset_by_name(f"{dataset.task}_trained_model")(
-        dg.build_asset_context(),
-        # Epochs, patience and ensemble size left out take TrainingRunConfig's defaults, as the asset would.
-        config=TrainingRunConfig(
-            architecture=architecture,
-            seed=train_seed,
-            **{
-                name: value
-                for name, value in (
-                    ("epochs", epochs),
-                    ("early_stopping_patience", patience),
-                    ("ensemble_members", ensemble_members),
-                    ("learning_rate", learning_rate),
-                )
-                if value is not None
-            },
-        ),
-        dataset=dataset,
-        storage=storage,
+    lake, _ = lake_and_warehouse(prepared)
+    training = TrainingSettings(
+        architecture=architecture,
+        seed=train_seed,
+        **{
+            name: value
+            for name, value in (
+                ("epochs", epochs),
+                ("early_stopping_patience", patience),
+                ("ensemble_members", ensemble_members),
+                ("learning_rate", learning_rate),
+            )
+            if value is not None
+        },
     )
-    calibration_output = asset_by_name(f"{dataset.task}_calibration")(
-        dg.build_asset_context(),
-        config=CalibrationConfig() if test_time_views is None else CalibrationConfig(test_time_views=test_time_views),
-        dataset=dataset,
-        trained=trained_output.value,
-        storage=storage,
-    )
-    return trained_output, calibration_output
-
-
-@contextmanager
-def recording_ensemble_members():
-    """Keep the networks an ensemble is combined from, so each can also be scored alone on the same test
-    split. The asset stores only the combined model; this wraps ``training.train_ensemble`` (which the
-    asset looks up when it runs) without changing what it returns."""
-    from hema_pipeline.modeling import training
-
-    original = training.train_ensemble
-    members: list = []
-
-    def recording(*args, **kwargs):
-        result = original(*args, **kwargs)
-        members[:] = [member.model for member in result.members]
-        return result
-
-    training.train_ensemble = recording
-    try:
-        yield members
-    finally:
-        training.train_ensemble = original
+    calibration = CalibrationSettings() if test_time_views is None else CalibrationSettings(test_time_views=test_time_views)
+    trained = train_for_dataset(dataset, lake, training, progress=lambda line: LOG.info("%s: %s", dataset.task, line))
+    return trained, calibrate(dataset, lake, trained.handle, calibration)
 
 
 def test_accuracies(prepared: PreparedData, models: list, test_time_views: int) -> list[float]:
-    """Each model's test accuracy, through the same reader, preprocessing and views the ``pbc8_model`` asset
+    """Each model's test accuracy, through the same reader, preprocessing and views that ``evaluate_and_register``
     evaluates the registered model with."""
     import numpy as np
 
     from hema_pipeline.datasets.splits import TEST
-    from hema_pipeline.defs.models import _outputs, _SplitReader
+    from hema_pipeline.modeling.stage import SplitReader
 
-    storage, _ = storage_resources(prepared)
-    reader = _SplitReader(prepared.dataset, storage.lake())
+    lake, _ = lake_and_warehouse(prepared)
+    reader = SplitReader(prepared.dataset, lake)
     accuracies = []
     for model in models:
-        outputs = _outputs(model, reader, TEST, test_time_views)
+        outputs = reader.outputs(model, TEST, test_time_views)
         accuracies.append(float(np.mean(outputs.logits.argmax(axis=1) == outputs.labels)))
     return accuracies
 
 
 def register(prepared: PreparedData, trained, calibrated):
-    """Run the pbc8_model asset body: test evaluation, calibration report, referral outcome, registration."""
-    import dagster as dg
+    """``evaluate_and_register``: test evaluation, calibration report, referral outcome, registration."""
+    from hema_pipeline.modeling.stage import evaluate_and_register
 
-    storage, warehouse = storage_resources(prepared)
-    result = asset_by_name(f"{prepared.dataset.task}_model")(
-        dg.build_asset_context(),
-        dataset=prepared.dataset,
-        trained=trained,
-        calibrated=calibrated,
-        storage=storage,
-        warehouse=warehouse,
-    )
-    outputs = list(result) if not isinstance(result, dg.Output) else [result]
-    return outputs[0]
+    lake, warehouse = lake_and_warehouse(prepared)
+    return evaluate_and_register(prepared.dataset, lake, warehouse, trained, calibrated)
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -381,17 +319,17 @@ def main() -> None:
     parser.add_argument(
         "--architecture", default="", choices=["", *sorted(ARCHITECTURE_PRESETS)], help="default: the task's hint"
     )
-    parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (TrainingRunConfig default)")
-    parser.add_argument("--epochs", type=int, default=None, help="TrainingRunConfig default")
-    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingRunConfig default)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (TrainingSettings default)")
+    parser.add_argument("--epochs", type=int, default=None, help="TrainingSettings default")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingSettings default)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per class (quick runs)")
     parser.add_argument("--crop-fraction", type=float, default=None, help="centre crop (DatasetBuildConfig default)")
-    parser.add_argument("--test-time-views", type=int, default=None, help="dihedral views averaged (CalibrationConfig default)")
+    parser.add_argument("--test-time-views", type=int, default=None, help="dihedral views averaged (CalibrationSettings default)")
     parser.add_argument(
-        "--ensemble-members", type=int, default=None, help="networks averaged in the model (TrainingRunConfig default)"
+        "--ensemble-members", type=int, default=None, help="networks averaged in the model (TrainingSettings default)"
     )
     parser.add_argument("--seed", type=int, default=0, help="export, split and training-stream seed")
-    parser.add_argument("--train-seed", type=int, default=20260101, help="weight-initialisation seed (TrainingRunConfig)")
+    parser.add_argument("--train-seed", type=int, default=20260101, help="weight-initialisation seed (TrainingSettings)")
     parser.add_argument("--skip-near-duplicates", action="store_true")
     parser.add_argument("--pbc", type=Path, default=None, help="PBC folder (default: HEMA_SHARED_DATA/pbc)")
     parser.add_argument("--out", type=Path, default=Path("pbc8_benchmark.json"))
@@ -416,7 +354,7 @@ def main() -> None:
         args.keep.mkdir(parents=True, exist_ok=False)
     with tempfile.TemporaryDirectory(prefix="pbc8-bench-") as temporary:
         work = args.keep.resolve() if args.keep is not None else Path(temporary)
-        os.environ["HEMA_HOME"] = str(work / "home")  # the image cache _SplitReader would use for S3 lakes
+        os.environ["HEMA_HOME"] = str(work / "home")  # the image cache SplitReader would use for S3 lakes
         prepared = prepare_pbc8(
             work,
             pbc_root,
@@ -427,26 +365,24 @@ def main() -> None:
             crop_fraction=args.crop_fraction,
             task=args.task,
         )
-        with recording_ensemble_members() as members:
-            trained_output, calibration_output = train_and_calibrate(
-                prepared,
-                prepared.dataset,
-                args.architecture,
-                args.epochs,
-                args.patience,
-                args.train_seed,
-                args.test_time_views,
-                args.ensemble_members,
-                args.learning_rate,
-            )
-        trained, calibrated = trained_output.value, calibration_output.value
+        trained_model, calibration = train_and_calibrate(
+            prepared,
+            prepared.dataset,
+            args.architecture,
+            args.epochs,
+            args.patience,
+            args.train_seed,
+            args.test_time_views,
+            args.ensemble_members,
+            args.learning_rate,
+        )
+        trained, calibrated = trained_model.handle, calibration.handle
         started = time.perf_counter()
-        registered = register(prepared, trained, calibrated)
+        card = register(prepared, trained, calibrated).card
         evaluate_seconds = time.perf_counter() - started
+        members = [member.model for member in trained_model.result.members]
         member_accuracies = test_accuracies(prepared, members, calibrated.test_time_views) if len(members) > 1 else []
-        card = registered.value
-
-    metadata = trained_output.metadata
+        member_summaries = trained_model.result.member_summaries()
     summary = {
         "task": args.task,
         "command": " ".join(sys.argv),
@@ -456,15 +392,13 @@ def main() -> None:
         "image_size": prepared.dataset.config.image_size,
         "crop_fraction": prepared.dataset.config.crop_fraction,
         "test_time_views": calibrated.test_time_views,
-        "parameters": int(metadata["parameters"].value if hasattr(metadata["parameters"], "value") else metadata["parameters"]),
+        "parameters": trained_model.parameters,
         "epochs_requested": trained.training_config["epochs"],
         "ensemble_members": trained.architecture["ensemble_members"],
         # Per member: seed, epochs run, best epoch, validation accuracy (and, in an ensemble, its own test accuracy).
         "members": [
             {**member, **({"test_accuracy": accuracy} if accuracy is not None else {})}
-            for member, accuracy in zip(
-                metadata["members"].value, member_accuracies or [None] * len(metadata["members"].value), strict=True
-            )
+            for member, accuracy in zip(member_summaries, member_accuracies or [None] * len(member_summaries), strict=True)
         ],
         "best_val_accuracy": trained.best_val_accuracy,
         "training_seconds": trained.training_seconds,

@@ -259,7 +259,7 @@ def _classify(args: argparse.Namespace) -> int:
     except (KeyError, LookupError, ValueError) as error:
         print(f"hema classify: {error}", file=sys.stderr)
         return 2
-    outcome = classify_files(paths, CellClassifier(loaded.model, loaded.card), args.output, progress=not args.quiet)
+    outcome = classify_files(paths, CellClassifier(loaded.model, loaded.card.contract()), args.output, progress=not args.quiet)
     print(
         f"classified {outcome.classified} of {len(paths)} images with {loaded.card.model_version} -> {args.output}",
         file=sys.stderr,

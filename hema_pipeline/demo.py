@@ -136,7 +136,7 @@ def _print_summary(dagster_home: Path, failed: int) -> int:
     totals = warehouse.query(
         "select (select count(*) from smears) as smears, (select count(*) from cells) as cells, "
         "(select count(*) from open_quarantine) as quarantined, (select count(*) from import_runs) as import_runs, "
-        "(select count(*) from models where status = 'champion') as champions, "
+        "(select count(*) from model_champions) as champions, "
         "(select count(*) from predictions) as predictions, (select count(*) from smear_reports) as reports"
     ).iloc[0]
     print()

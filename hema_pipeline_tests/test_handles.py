@@ -10,11 +10,11 @@ import math
 import dagster as dg
 import pytest
 
-from hema_pipeline.defs.datasets import DatasetHandle
+from hema_pipeline.datasets.versioning import DatasetHandle
 from hema_pipeline.defs.handles import HANDLE_TYPES, HandleIOManager, UnknownHandle, decode_handle, encode_handle, handle_class
-from hema_pipeline.defs.models import CalibrationHandle, TrainedModelHandle
 from hema_pipeline.defs.quality import CellSnapshot
 from hema_pipeline.modeling.registry import ModelCard
+from hema_pipeline.modeling.stage import CalibrationHandle, TrainedModelHandle
 from hema_pipeline.storage.object_store import LocalObjectStore
 
 CARD = ModelCard(
@@ -64,8 +64,8 @@ def test_every_registered_name_resolves_to_a_dataclass_and_every_stored_type_is_
 
 
 def test_a_handle_stored_by_an_earlier_version_still_loads():
-    """What a DatasetHandle materialisation left in the lake (the file's bytes, as written): no class path
-    in it, so moving the class does not break it."""
+    """What a DatasetHandle materialisation left in the lake (the file's bytes, as written before the class
+    moved from ``defs.datasets`` to ``datasets.versioning``): no class path in it, so the move broke nothing."""
     stored = (
         '{"handle": "DatasetHandle", "value": {"classes": ["eosinophil", "neutrophil"], "config_json": "{}", '
         '"dataset_version": "abc123", "manifest_key": "datasets/wbc4/abc123/manifest.parquet", "task": "wbc4"}}'

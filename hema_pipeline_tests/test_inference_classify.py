@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hema_pipeline.inference.cards import PlainModelCard
 from hema_pipeline.inference.classify import classify_files, collect_image_files
 from hema_pipeline.inference.predict import CellClassifier
+from hema_pipeline_tests.support import model_contract
 
 SIZE = 16
 CLASSES = ("neutrophil", "lymphocyte", "monocyte")
@@ -28,7 +28,7 @@ def classifier() -> CellClassifier:
     model = keras.Model(inputs, dense(pooled))
     dense.set_weights([np.eye(3, dtype=np.float32) * 6.0, np.zeros(3, np.float32)])
     thresholds = {"neutrophil": 0.5, "lymphocyte": 0.5, "monocyte": 0.5}
-    return CellClassifier(model, PlainModelCard("pbc", "pbc-v1", CLASSES, SIZE, 1.5, thresholds, None))
+    return CellClassifier(model, model_contract("pbc", "pbc-v1", CLASSES, SIZE, 1.5, thresholds, None))
 
 
 def write_image(path, rgb, image_format):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hema_pipeline.inference.cards import PlainModelCard
 from hema_pipeline.inference.gradcam import GradCam, gradcam_object_key, overlay_heatmap
 from hema_pipeline.inference.predict import CellClassifier, prepare_images
+from hema_pipeline.modeling.contract import ModelContract
+from hema_pipeline_tests.support import model_contract
 
 SIZE = 32
 
@@ -42,8 +43,8 @@ def darkness_model() -> keras.Model:
     return model
 
 
-def card(classes: tuple[str, ...] = ("dark", "light"), layer: str = "last_conv", size: int = SIZE) -> PlainModelCard:
-    return PlainModelCard("t", "t-v1", classes, size, 1.0, {name: 0.0 for name in classes}, None, layer)
+def card(classes: tuple[str, ...] = ("dark", "light"), layer: str = "last_conv", size: int = SIZE) -> ModelContract:
+    return model_contract("t", "t-v1", classes, size, 1.0, {name: 0.0 for name in classes}, None, layer)
 
 
 def test_gradcam_png_is_valid_and_points_at_the_evidence():

@@ -14,7 +14,6 @@ import tensorflow as tf
 from PIL import Image
 from scipy.special import logsumexp
 
-from hema_pipeline.inference.cards import InvalidModelCard, PlainModelCard
 from hema_pipeline.inference.predict import (
     CellClassifier,
     UnreadableImagesError,
@@ -25,6 +24,8 @@ from hema_pipeline.inference.predict import (
     prepare_images,
 )
 from hema_pipeline.inference.routing import merge_cell_results, thesis_routes
+from hema_pipeline.modeling.contract import InvalidModelContract
+from hema_pipeline_tests.support import model_contract
 
 SIZE = 16
 PRIMARY = ("neutrophil", "lymphocyte", "monocyte")
@@ -44,7 +45,7 @@ def colour_model(weights: np.ndarray, bias: np.ndarray | None = None, name: str 
 
 
 def card(task: str, classes: tuple[str, ...], temperature: float = 1.0, thresholds: dict | None = None, ood: float | None = None):
-    return PlainModelCard(
+    return model_contract(
         task=task,
         model_version=f"{task}-v1",
         class_names=classes,
@@ -118,9 +119,9 @@ def test_referral_reasons_follow_the_card(primary_model):
 
 
 def test_cards_that_cannot_be_applied_are_refused(primary_model):
-    with pytest.raises(InvalidModelCard, match="no confidence threshold"):
+    with pytest.raises(InvalidModelContract, match="no confidence threshold"):
         CellClassifier(primary_model, card("pbc", PRIMARY, thresholds={"neutrophil": 0.5}))
-    with pytest.raises(InvalidModelCard, match="temperature"):
+    with pytest.raises(InvalidModelContract, match="temperature"):
         CellClassifier(primary_model, card("pbc", PRIMARY, temperature=0.0))
     with pytest.raises(ValueError, match="outputs 3 logits"):
         CellClassifier(primary_model, card("dysplasia", DYSPLASIA))
@@ -197,9 +198,9 @@ def test_a_card_with_test_time_views_averages_the_logits_over_them(tmp_path):
     )
     rows = predict_images([path], averaged)
     assert rows["predicted_class"].tolist() == [PRIMARY[2]]
-    with pytest.raises(InvalidModelCard, match="test_time_views"):
+    with pytest.raises(InvalidModelContract, match="test_time_views"):
         CellClassifier(model, dataclasses.replace(card("pbc", PRIMARY), test_time_views=3))
-    with pytest.raises(InvalidModelCard, match="crop_fraction"):
+    with pytest.raises(InvalidModelContract, match="crop_fraction"):
         CellClassifier(model, dataclasses.replace(card("pbc", PRIMARY), crop_fraction=1.5))
 
 
@@ -209,7 +210,7 @@ def test_the_pixel_range_comes_from_the_network():
     arch = compact(32)
     unit_range = build_model(type(arch)(**{**arch.to_dict(), "widths": tuple(arch.widths), "pixel_range": 1.0}), 2)
     assert model_pixel_range(unit_range) == pytest.approx(1.0)
-    classifier = CellClassifier(unit_range, PlainModelCard("t", "t-v1", ("a", "b"), 32, 1.0, {"a": 0.0, "b": 0.0}))
+    classifier = CellClassifier(unit_range, model_contract("t", "t-v1", ("a", "b"), 32, 1.0, {"a": 0.0, "b": 0.0}))
     images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     expected = unit_range(images.astype(np.float32) / 255.0, training=False).numpy()
     assert classifier.logits(images) == pytest.approx(expected, rel=1e-5, abs=1e-6)
@@ -302,7 +303,7 @@ def test_a_feature_space_ood_threshold_uses_its_scorer():
     training_features = feature_model(prepare_images(training_images, SIZE).astype(np.float32)).numpy()
     scorer = MahalanobisScorer.fit(training_features, np.array(labels), num_classes=3)
 
-    mahalanobis_card = PlainModelCard(
+    mahalanobis_card = model_contract(
         "pbc", "pbc-v1", PRIMARY, SIZE, 1.0, {name: 0.0 for name in PRIMARY}, ood_threshold=30.0, ood_method="mahalanobis"
     )
     with pytest.raises(ValueError, match="feature_scorer"):
@@ -323,9 +324,8 @@ def test_a_feature_space_ood_threshold_uses_its_scorer():
     assert plain["ood_score"].isna().all() and plain["accepted"].all()
 
 
-def test_the_registry_card_is_a_model_card(primary_model):
-    """The registry's card, read back from its JSON, drives inference directly (no adapter)."""
-    from hema_pipeline.inference.cards import card_thresholds
+def test_the_registry_card_holds_the_contract_inference_takes(primary_model):
+    """The registry's card, read back from its JSON, gives the contract inference runs on."""
     from hema_pipeline.modeling.calibration import REFER_ALL, OodThreshold, ReferralPolicy
     from hema_pipeline.modeling.registry import ModelCard as RegistryCard
 
@@ -359,9 +359,9 @@ def test_the_registry_card_is_a_model_card(primary_model):
         model_version="pbc-0123456789ab",
     )
     registry_card = RegistryCard.from_json(written.to_json())
-    frame = predict_images([png(RED), png(GREEN)], CellClassifier(primary_model, registry_card))
+    frame = predict_images([png(RED), png(GREEN)], CellClassifier(primary_model, registry_card.contract()))
     assert frame["predicted_class"].tolist() == ["neutrophil", "lymphocyte"]
     assert frame["referral_reason"].tolist() == [None, "low_confidence"]  # lymphocytes: refer all
-    recorded = card_thresholds(registry_card)
+    recorded = registry_card.contract().decision_settings()
     assert recorded["class_thresholds"] == {"neutrophil": 0.9, "lymphocyte": None, "monocyte": 0.5}
     assert (recorded["ood_method"], recorded["ood_threshold"], recorded["model_version"]) == ("energy", -1.0, "pbc-0123456789ab")

@@ -10,16 +10,16 @@ from collections.abc import Sequence
 import pandas as pd
 import pytest
 
-from hema_pipeline.inference.cards import PlainModelCard
 from hema_pipeline.inference.differential import FlagCode, FlagSettings, clopper_pearson
 from hema_pipeline.inference.report import ReportSettings, build_smear_report
 from hema_pipeline.inference.routing import thesis_routes
+from hema_pipeline_tests.support import model_contract
 
 SMEAR = "S" + "0a1b2c3d4e" * 2
 EIGHT = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte", "immature_granulocyte", "erythroblast", "platelet")
 CARDS = {
-    "pbc8": PlainModelCard("pbc8", "pbc8-aaaa", EIGHT, 96, 1.3, {name: 0.7 for name in EIGHT} | {"basophil": None}, -4.5),
-    "dysplasia": PlainModelCard(
+    "pbc8": model_contract("pbc8", "pbc8-aaaa", EIGHT, 96, 1.3, {name: 0.7 for name in EIGHT} | {"basophil": None}, -4.5),
+    "dysplasia": model_contract(
         "dysplasia",
         "dys-bbbb",
         ("neutrophil", "hypogranulated_neutrophil"),
@@ -27,7 +27,7 @@ CARDS = {
         1.1,
         {"neutrophil": 0.8, "hypogranulated_neutrophil": 0.9},
     ),
-    "lymphoid": PlainModelCard(
+    "lymphoid": model_contract(
         "lymphoid", "lym-cccc", ("lymphocyte", "malignant_lymphocyte"), 128, 0.9, {"lymphocyte": 0.6, "malignant_lymphocyte": 0.6}
     ),
 }
@@ -176,7 +176,7 @@ def test_only_pseudonymous_smears_and_their_own_cells():
 
 def test_text_from_cards_is_escaped_in_both_renderings():
     odd = dict(CARDS)
-    odd["lymphoid"] = PlainModelCard(
+    odd["lymphoid"] = model_contract(
         "lymphoid", "lym<b>|&", ("lymphocyte", "malignant_lymphocyte"), 128, 1.0, {"lymphocyte": 0.5, "malignant_lymphocyte": 0.5}
     )
     predictions = smear_predictions()

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hema_pipeline.inference.cards import PlainModelCard
 from hema_pipeline.inference.predict import CellClassifier
 from hema_pipeline.inference.routing import Route
 from hema_pipeline.inference.smear import infer_smear, load_smear_cells, save_smear_inference
 from hema_pipeline.storage.object_store import LocalObjectStore
 from hema_pipeline.storage.warehouse import Warehouse
+from hema_pipeline_tests.support import model_contract
 from hema_pipeline_tests.test_inference_sql import insert_model, insert_smear
 
 SMEAR = "S" + "c" * 20
@@ -59,9 +59,9 @@ def classifiers() -> dict[str, CellClassifier]:
     primary = colour_cnn(np.eye(3) * 8.0, np.zeros(3))
     dysplasia = colour_cnn(np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 12.0]]), np.array([0.0, -3.0]))
     return {
-        "pbc": CellClassifier(primary, PlainModelCard("pbc", "pbc-v1", PRIMARY, SIZE, 1.0, {name: 0.6 for name in PRIMARY})),
+        "pbc": CellClassifier(primary, model_contract("pbc", "pbc-v1", PRIMARY, SIZE, 1.0, {name: 0.6 for name in PRIMARY})),
         "dysplasia": CellClassifier(
-            dysplasia, PlainModelCard("dysplasia", "dys-v1", DYSPLASIA, SIZE, 1.0, {name: 0.6 for name in DYSPLASIA})
+            dysplasia, model_contract("dysplasia", "dys-v1", DYSPLASIA, SIZE, 1.0, {name: 0.6 for name in DYSPLASIA})
         ),
     }
 

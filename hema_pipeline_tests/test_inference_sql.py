@@ -13,7 +13,6 @@ import pandas as pd
 import psycopg2
 import pytest
 
-from hema_pipeline.inference.cards import PlainModelCard
 from hema_pipeline.inference.differential import FlagSettings
 from hema_pipeline.inference.records import (
     load_analyser_classes,
@@ -25,6 +24,7 @@ from hema_pipeline.inference.records import (
 from hema_pipeline.inference.report import ReportSettings, build_smear_report
 from hema_pipeline.inference.routing import Route
 from hema_pipeline.storage.warehouse import Warehouse, dialect_of
+from hema_pipeline_tests.support import model_contract
 
 SMEAR_A = "S" + "a" * 20
 SMEAR_B = "S" + "b" * 20
@@ -73,6 +73,18 @@ def insert_model(connection: duckdb.DuckDBPyConnection, model_version: str, task
             values[name] = neutral[data_type.lower()]
     names = ", ".join(values)
     connection.execute(f"insert into models ({names}) values ({', '.join('?' for _ in values)})", list(values.values()))
+
+
+def record_promotion(connection, model_version: str, task: str, action: str = "promoted", previous: str | None = None) -> None:
+    """A champion-changing event in the promotion log, which is what makes a model champion."""
+    (sequence,) = connection.execute(
+        "select coalesce(max(sequence), 0) + 1 from model_promotions where task = ?", [task]
+    ).fetchall()[0]
+    connection.execute(
+        "insert into model_promotions (event_id, task, sequence, model_version, previous_champion, action, reason, "
+        "decided_at) values (?, ?, ?, ?, ?, ?, ?, ?)",
+        [f"{task}-{sequence}", task, sequence, model_version, previous, action, "test", dt.datetime(2026, 11, 1)],
+    )
 
 
 def insert_smear(connection, smear_id: str, collected: dt.date, cells: dict[int, tuple[str, str | None]]) -> None:
@@ -147,6 +159,8 @@ def warehouse(connection):
     insert_model(connection, "pbc-v1", "pbc", "ds-1", "champion")
     insert_model(connection, "pbc-v2", "pbc", "ds-2", "candidate")
     insert_model(connection, "dys-v1", "dysplasia", "ds-1", "champion")
+    record_promotion(connection, "pbc-v1", "pbc")
+    record_promotion(connection, "dys-v1", "dysplasia")
     insert_smear(
         connection,
         SMEAR_A,
@@ -245,6 +259,28 @@ def test_differential_per_smear_uses_the_champion_and_counts_accepted_cells(ware
     assert dysplasia == [("hypogranulated_neutrophil", 1, 20.0), ("neutrophil", 4, 80.0)]
 
 
+def test_the_promotion_log_alone_decides_which_predictions_count(warehouse):
+    """One definition of champion: the `model_champions` view over the promotion log. The models table's
+    status column is a record for people; a stale or hand-edited status never changes what the lab sees."""
+
+    def counted_on_a() -> list[tuple]:
+        return rows(
+            warehouse, "select distinct model_version from current_predictions where smear_id = ? and task = 'pbc'", [SMEAR_A]
+        )
+
+    warehouse.execute("update models set status = 'retired' where model_version = 'pbc-v1'")
+    warehouse.execute("update models set status = 'champion' where model_version = 'pbc-v2'")
+    assert counted_on_a() == [("pbc-v1",)]
+    record_promotion(warehouse, "pbc-v2", "pbc", previous="pbc-v1")
+    assert counted_on_a() == [("pbc-v2",)]
+    assert rows(warehouse, "select model_version from model_champions where task = 'pbc'") == [("pbc-v2",)]
+    record_promotion(warehouse, "pbc-v1", "pbc", action="rolled_back", previous="pbc-v2")
+    assert counted_on_a() == [("pbc-v1",)]
+    # A refusal changes no champion.
+    record_promotion(warehouse, "pbc-v2", "pbc", action="refused", previous="pbc-v1")
+    assert counted_on_a() == [("pbc-v1",)]
+
+
 def test_referral_queue_lists_unverified_referred_cells_with_their_images(warehouse):
     queue = rows(
         warehouse,
@@ -325,8 +361,8 @@ def test_rewrites_replace_rows_and_reads_round_trip(warehouse):
 
 def test_smear_reports_are_keyed_by_version(warehouse):
     cards = {
-        "pbc": PlainModelCard("pbc", "pbc-v1", PBC_CLASSES, 96, 1.2, {name: 0.6 for name in PBC_CLASSES}, -3.0),
-        "dysplasia": PlainModelCard("dysplasia", "dys-v1", DYSPLASIA_CLASSES, 96, 1.0, {name: 0.6 for name in DYSPLASIA_CLASSES}),
+        "pbc": model_contract("pbc", "pbc-v1", PBC_CLASSES, 96, 1.2, {name: 0.6 for name in PBC_CLASSES}, -3.0),
+        "dysplasia": model_contract("dysplasia", "dys-v1", DYSPLASIA_CLASSES, 96, 1.0, {name: 0.6 for name in DYSPLASIA_CLASSES}),
     }
     routes = [Route("pbc", "neutrophil", "dysplasia")]
     predictions = load_smear_predictions(warehouse, SMEAR_A)

@@ -745,8 +745,8 @@ def _classifier() -> object:
     """As test_inference_classify's: logits = 6 x mean RGB in [0, 1]."""
     import keras
 
-    from hema_pipeline.inference.cards import PlainModelCard
     from hema_pipeline.inference.predict import CellClassifier
+    from hema_pipeline_tests.support import model_contract
 
     inputs = keras.Input((16, 16, 3))
     pooled = keras.layers.Rescaling(1.0 / 255.0)(keras.layers.GlobalAveragePooling2D()(inputs))
@@ -754,4 +754,4 @@ def _classifier() -> object:
     model = keras.Model(inputs, dense(pooled))
     dense.set_weights([np.eye(3, dtype=np.float32) * 6.0, np.zeros(3, np.float32)])
     classes = ("neutrophil", "lymphocyte", "monocyte")
-    return CellClassifier(model, PlainModelCard("pbc", "pbc-v1", classes, 16, 1.5, dict.fromkeys(classes, 0.5), None))
+    return CellClassifier(model, model_contract("pbc", "pbc-v1", classes, 16, 1.5, dict.fromkeys(classes, 0.5), None))

@@ -282,7 +282,7 @@ def test_energy_score_is_higher_for_unfamiliar_logits():
     assert energy_score(np.array([[0.0, 0.0]]), temperature=2.0)[0] == pytest.approx(-2.0 * math.log(2.0))
     threshold = fit_ood_threshold(known_energy, "energy", keep_quantile=1.0)
     cells = np.r_[known, unfamiliar]
-    triage = triage_cells(cells, 1.0, _accept_everything(3), energy_score(cells), threshold)
+    triage = triage_cells(cells, 1.0, _accept_everything(3).thresholds, energy_score(cells), threshold.threshold)
     assert triage.decisions.tolist() == [ACCEPTED] * 3 + [UNFAMILIAR] * 2
 
 
@@ -296,11 +296,11 @@ def test_triage_refers_low_confidence_and_lets_unfamiliar_win():
     logits = np.log(np.array([[0.95, 0.05], [0.85, 0.15], [0.3, 0.7], [0.99, 0.01]]))
     scores = np.array([0.0, 0.0, 0.0, 5.0])
     threshold = fit_ood_threshold(np.zeros(10), "energy")
-    triage = triage_cells(logits, 1.0, policy, scores, threshold)
+    triage = triage_cells(logits, 1.0, policy.thresholds, scores, threshold.threshold)
     assert triage.decisions.tolist() == [ACCEPTED, LOW_CONFIDENCE, ACCEPTED, UNFAMILIAR]
     np.testing.assert_allclose(triage.confidence, [0.95, 0.85, 0.7, 0.99])
     with pytest.raises(ValueError):
-        triage_cells(logits, 1.0, policy, scores, None)
+        triage_cells(logits, 1.0, policy.thresholds, scores, None)
 
 
 def test_mahalanobis_score_is_the_distance_to_the_nearest_class_and_flags_outliers():

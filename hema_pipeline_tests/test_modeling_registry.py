@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import replace
 
@@ -83,6 +84,8 @@ def _card(
         referral=referral,
         test_referral=evaluate_referral(referral, probabilities, labels),
         ood=threshold,
+        crop_fraction=1.0,
+        test_time_views=1,
         training_details={"epochs_run": 3, "batch_size": 64},
     )
 
@@ -277,29 +280,27 @@ def test_class_names_must_match_the_champion(store, warehouse):
     assert decision.action == "refused" and "class names differ" in decision.reason
 
 
-def test_the_card_offers_the_flat_view_inference_reads(store, warehouse):
+def test_the_card_holds_the_contract_inference_takes(store, warehouse):
     card = register_model(store, warehouse, _card(wrong=20), b"a")
-    assert list(card.class_thresholds) == CLASSES
-    assert card.class_thresholds == dict(zip(CLASSES, card.referral["thresholds"], strict=True))
-    assert card.ood_method == "energy" and card.ood_threshold == card.ood["threshold"]
-    assert card.energy_temperature == 1.0
-    inference_cards = pytest.importorskip("hema_pipeline.inference.cards")
-    inference_cards.validate_card(card)
-    assert inference_cards.card_thresholds(card)["model_version"] == card.model_version
+    contract = card.contract()
+    assert contract.model_version == card.model_version and contract.class_names == tuple(CLASSES)
+    assert contract.class_thresholds == dict(zip(CLASSES, card.referral_policy().thresholds, strict=True))
+    assert contract.ood_method == "energy" and contract.ood_threshold == card.ood["threshold"]
+    assert (contract.energy_temperature, contract.crop_fraction, contract.test_time_views) == (1.0, 1.0, 1)
+    assert contract.pixel_range == card.pixel_range and contract.temperature == card.temperature
+    assert contract.decision_settings()["model_version"] == card.model_version
 
 
-def test_every_promotion_policy_field_is_on_the_launchpad_with_the_same_default():
-    from dataclasses import fields
-
-    from hema_pipeline.defs.models import PromotionConfig
-    from hema_pipeline.modeling.registry import PromotionPolicy
-
-    launchpad = PromotionConfig()
-    domain = PromotionPolicy()
-    assert {field.name for field in fields(PromotionPolicy)} == set(launchpad.model_dump())
-    for field in fields(PromotionPolicy):
-        assert getattr(launchpad, field.name) == getattr(domain, field.name), field.name
-    assert PromotionPolicy(**PromotionConfig(min_referral_coverage=0.97).model_dump()).min_referral_coverage == 0.97
+def test_the_contract_triages_exactly_as_the_certified_referral_counts(store, warehouse):
+    """One acceptance rule: the cells prediction accepts are the cells the card's test coverage counted."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, len(CLASSES), 400)
+    logits = rng.normal(0, 1, (400, len(CLASSES))) + np.eye(len(CLASSES))[labels] * rng.uniform(0, 6, (400, 1))
+    card = register_model(store, warehouse, _card(wrong=20), b"a")
+    contract, policy = card.contract(), card.referral_policy()
+    outcome = evaluate_referral(policy, softmax(logits, card.temperature), labels)
+    triage = contract.triage(logits, ood_scores=np.full(len(labels), -math.inf))
+    assert int((triage.decisions == "accepted").sum()) == outcome.accepted
 
 
 def test_registry_reads_never_write_the_warehouse(tmp_path):

@@ -26,7 +26,6 @@ from hema_pipeline.modeling.calibration import (
     fit_temperature,
     referral_threshold_candidates,
     softmax,
-    triage_cells,
 )
 from hema_pipeline.modeling.evaluation import evaluate_logits
 from hema_pipeline.modeling.networks import (
@@ -402,6 +401,8 @@ def test_the_whole_chain_from_training_to_a_reloaded_champion(trained: TrainingR
         referral=referral,
         test_referral=evaluate_referral(referral, test_probabilities, test_outputs.labels),
         ood=ood,
+        crop_fraction=1.0,
+        test_time_views=1,
         training_details={"epochs_run": trained.epochs_run, "best_epoch": trained.best_epoch},
     )
     store, warehouse = LocalObjectStore(tmp_path / "lake"), Warehouse(tmp_path / "warehouse.duckdb")
@@ -416,13 +417,7 @@ def test_the_whole_chain_from_training_to_a_reloaded_champion(trained: TrainingR
 
     # What inference will do with the card: triage test cells, and flag images unlike any training cell.
     restored_scorer = MahalanobisScorer.from_bytes(read_attachment(store, champion.card, MAHALANOBIS_ATTACHMENT))
-    triage = triage_cells(
-        reloaded.logits,
-        champion.card.temperature,
-        champion.card.referral_policy(),
-        restored_scorer.score(reloaded.features),
-        champion.card.ood_settings(),
-    )
+    triage = champion.card.contract().triage(reloaded.logits, restored_scorer.score(reloaded.features))
     assert (triage.decisions == "accepted").mean() > 0.5
     checkerboard = np.indices((SIZE, SIZE)).sum(axis=0) % 2 * 255.0
     strange = np.repeat(np.stack([checkerboard, 255.0 - checkerboard], axis=0)[..., None], 3, axis=-1).astype(np.float32)

@@ -9,11 +9,12 @@ import dataclasses
 from hema_pipeline.datasets.versioning import DatasetBuildSettings, DatasetConfig
 from hema_pipeline.defs.automation import RetrainingPolicyResource, retraining_policy_from_settings
 from hema_pipeline.defs.datasets import DatasetBuildConfig
-from hema_pipeline.defs.models import PromotionConfig
+from hema_pipeline.defs.models import CalibrationConfig, PromotionConfig, TrainingRunConfig
 from hema_pipeline.defs.predictions import FlagThresholdsConfig
 from hema_pipeline.defs.quality import CellTableCheckConfig
 from hema_pipeline.inference.differential import FlagSettings
 from hema_pipeline.modeling.registry import PromotionPolicy
+from hema_pipeline.modeling.stage import CalibrationSettings, TrainingSettings
 from hema_pipeline.monitoring.retraining import RetrainingPolicy
 from hema_pipeline.quality.cell_suite import CellTableRules
 
@@ -36,6 +37,18 @@ def test_dataset_build_config_is_the_domain_build_settings():
 
 def test_promotion_config_is_the_domain_policy():
     assert _launchpad_defaults(PromotionConfig) == _domain_defaults(PromotionPolicy)
+    assert PromotionConfig(min_referral_coverage=0.97).policy() == dataclasses.replace(
+        PromotionPolicy(), min_referral_coverage=0.97
+    )
+
+
+def test_training_and_calibration_configs_are_the_model_stage_settings():
+    """The launchpad, the benchmarks and the domain functions share one set of defaults (they disagreed:
+    40 epochs / patience 8 in one place, 70 / 25 in another)."""
+    assert _launchpad_defaults(TrainingRunConfig) == _domain_defaults(TrainingSettings)
+    assert _launchpad_defaults(CalibrationConfig) == _domain_defaults(CalibrationSettings)
+    assert TrainingRunConfig(epochs=3, ensemble_members=2).settings() == TrainingSettings(epochs=3, ensemble_members=2)
+    assert CalibrationConfig(test_time_views=4).settings() == CalibrationSettings(test_time_views=4)
 
 
 def test_flag_thresholds_config_is_the_domain_flag_settings_but_the_fitted_threshold():

@@ -37,7 +37,9 @@ create table if not exists models (
     training_seconds            double precision not null,
     training_device             varchar not null,     -- GPU | CPU
     created_at                  timestamp not null,   -- UTC
-    status                      varchar not null      -- candidate | champion | retired | refused | rolled_back
+    -- candidate | champion | retired | refused | rolled_back: the model's last decision, written with its
+    -- model_promotions event for people reading this table. Who is champion is model_champions' answer.
+    status                      varchar not null
 );
 
 -- The referral certificate (modeling.calibration.fit_referral_policy): with probability referral_confidence,
@@ -83,7 +85,9 @@ create table if not exists model_promotions (
 -- Two decisions can never share a place in a task's order (writers also serialise per task).
 create unique index if not exists model_promotions_task_sequence on model_promotions (task, sequence);
 
--- The current champion of each task: the model named by the task's latest champion-changing event.
+-- The current champion of each task: the model named by the task's latest champion-changing event. The
+-- one definition of "champion": current_predictions, the registry (registry.current_champions) and the
+-- CLI all read it.
 create or replace view model_champions as
     select task, model_version, action as became_champion_by, decided_at
     from (

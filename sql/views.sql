@@ -1,9 +1,9 @@
 -- hema-pipeline views over predictions (DuckDB). Applied last by hema_pipeline.storage.warehouse, after
--- models.sql: these views read models(model_version, task, dataset_version, status), and DuckDB binds a
--- view when it is created.
+-- models.sql: these views read models and the model_champions view, and DuckDB binds a view when it is
+-- created.
 
--- The predictions that count for each smear and task: those of the task's champion model where it has
--- run on the smear, otherwise those of the model version that ran on it most recently. A challenger
+-- The predictions that count for each smear and task: those of the task's champion model (model_champions,
+-- the promotion log's answer; the one definition of "champion") where it has run on the smear, otherwise those of the model version that ran on it most recently. A challenger
 -- run in shadow beside the champion therefore never changes what the lab sees.
 create or replace view current_predictions as
 with versions_per_smear as (
@@ -11,9 +11,9 @@ with versions_per_smear as (
            p.task,
            p.model_version,
            max(p.predicted_at) as last_predicted_at,
-           coalesce(bool_or(m.status = 'champion'), false) as is_champion
+           coalesce(bool_or(ch.model_version is not null), false) as is_champion
     from predictions p
-    left join models m on m.model_version = p.model_version and m.task = p.task
+    left join model_champions ch on ch.model_version = p.model_version and ch.task = p.task
     group by p.smear_id, p.task, p.model_version
 ),
 chosen as (

@@ -32,6 +32,7 @@ from hema_pipeline.datasets.tasks import (
     PATIENT_COLUMN,
     TASK_LABEL_COLUMN,
     TASK_LABEL_INDEX_COLUMN,
+    TASKS,
     TaskCoverage,
     TaskDataError,
     get_task,
@@ -225,6 +226,35 @@ class DatasetRecord:
     split_counts: dict[str, dict[str, int]]
     manifest_key: str
     created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class DatasetHandle:
+    """What the dataset stage hands the model stage: the version and where its manifest is (small; stored
+    as JSON by the handle IO manager)."""
+
+    dataset_version: str
+    task: str
+    classes: tuple[str, ...]
+    manifest_key: str
+    config_json: str
+
+    @classmethod
+    def of(cls, record: DatasetRecord) -> DatasetHandle:
+        return cls(
+            dataset_version=record.dataset_version,
+            task=record.task,
+            classes=TASKS[record.task].classes,
+            manifest_key=record.manifest_key,
+            config_json=record.config_json,
+        )
+
+    @property
+    def config(self) -> DatasetConfig:
+        return DatasetConfig.from_json(self.config_json)
+
+    def manifest(self, lake: ObjectStore) -> pd.DataFrame:
+        return read_manifest_parquet(lake, self.task, self.dataset_version)
 
 
 def write_dataset(

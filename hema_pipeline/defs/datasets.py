@@ -2,10 +2,8 @@
 blocking checks that no patient and no near-duplicate image straddles two splits."""
 
 # No `from __future__ import annotations`: Dagster reads the context and input annotations at definition time.
-from dataclasses import dataclass
 
 import dagster as dg
-import pandas as pd
 
 from hema_pipeline.datasets.near_duplicates import (
     DEFAULT_MAX_DISTANCE,
@@ -20,34 +18,13 @@ from hema_pipeline.datasets.tasks import (
 )
 from hema_pipeline.datasets.versioning import (
     DatasetBuildSettings,
-    DatasetConfig,
+    DatasetHandle,
     build_dataset,
-    read_manifest_parquet,
     write_dataset,
 )
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
 from hema_pipeline.defs.quality import CellSnapshot
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
-from hema_pipeline.storage.object_store import ObjectStore
-
-
-@dataclass(frozen=True)
-class DatasetHandle:
-    """What a dataset asset hands downstream: the version and where its manifest is."""
-
-    dataset_version: str
-    task: str
-    classes: tuple[str, ...]
-    manifest_key: str
-    config_json: str
-
-    @property
-    def config(self) -> DatasetConfig:
-        return DatasetConfig.from_json(self.config_json)
-
-    def manifest(self, lake: ObjectStore) -> pd.DataFrame:
-        return read_manifest_parquet(lake, self.task, self.dataset_version)
-
 
 _BUILD_DEFAULTS = DatasetBuildSettings()
 
@@ -136,13 +113,7 @@ def build_dataset_asset(task_name: str) -> dg.AssetsDefinition:
             return
         record = write_dataset(built, lake, warehouse.warehouse())
         yield dg.Output(
-            DatasetHandle(
-                dataset_version=record.dataset_version,
-                task=task_name,
-                classes=task.classes,
-                manifest_key=record.manifest_key,
-                config_json=record.config_json,
-            ),
+            DatasetHandle.of(record),
             metadata={
                 "dataset_version": record.dataset_version,
                 "cell_table_version": cell_table.version,

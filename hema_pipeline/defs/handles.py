@@ -31,9 +31,9 @@ PLAIN_JSON = "json"
 # Stable name -> "module:Class". Never rename a key (stored handles carry it); edit the path when a class moves.
 HANDLE_TYPES: dict[str, str] = {
     "CellSnapshot": "hema_pipeline.defs.quality:CellSnapshot",
-    "DatasetHandle": "hema_pipeline.defs.datasets:DatasetHandle",
-    "TrainedModelHandle": "hema_pipeline.defs.models:TrainedModelHandle",
-    "CalibrationHandle": "hema_pipeline.defs.models:CalibrationHandle",
+    "DatasetHandle": "hema_pipeline.datasets.versioning:DatasetHandle",
+    "TrainedModelHandle": "hema_pipeline.modeling.stage:TrainedModelHandle",
+    "CalibrationHandle": "hema_pipeline.modeling.stage:CalibrationHandle",
     "ModelCard": "hema_pipeline.modeling.registry:ModelCard",
 }
 

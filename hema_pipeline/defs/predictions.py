@@ -90,30 +90,10 @@ def smear_flag_thresholds(config: FlagThresholdsConfig, warehouse: WarehouseReso
     )
 
 
-# Loaded champions by (lake, model version). A process that predicts several smears (a multi-smear
-# backfill, `dagster dev` in-process execution, the benchmarks) loads and traces each model once; a
-# new champion has a new version, so it is never served from a stale entry.
-_LOADED_CLASSIFIERS: dict[tuple[str, str], object] = {}
-
-
 def _champion_classifiers(storage: StorageResource, warehouse: WarehouseResource) -> dict:
-    from hema_pipeline.inference.predict import CellClassifier
-    from hema_pipeline.modeling.registry import current_champions, load_model
+    from hema_pipeline.inference.champions import champion_classifiers
 
-    lake, store = storage.lake(), warehouse.warehouse()
-    classifiers = {}
-    wanted = set()
-    for task, version in current_champions(store, PREDICTION_TASKS).items():
-        if version is None:
-            continue
-        key = (storage.lake_url, version)
-        wanted.add(key)
-        if key not in _LOADED_CLASSIFIERS:
-            loaded = load_model(lake, store, task, version)
-            _LOADED_CLASSIFIERS[key] = CellClassifier(loaded.model, loaded.card)
-        classifiers[task] = _LOADED_CLASSIFIERS[key]
-    for stale in set(_LOADED_CLASSIFIERS) - wanted:
-        del _LOADED_CLASSIFIERS[stale]
+    classifiers = champion_classifiers(storage.lake(), warehouse.warehouse(), PREDICTION_TASKS)
     if PRIMARY_TASK not in classifiers:
         raise dg.Failure(f"no champion model for {PRIMARY_TASK}: materialise the `models` group first")
     return classifiers

@@ -130,7 +130,7 @@ def classify_files(
     for failure in failures:
         print(f"skipped {failure.cell_key}: {failure.reason}", file=messages)
 
-    table = classification_table(predictions, list(classifier.card.class_names))
+    table = classification_table(predictions, list(classifier.contract.class_names))
     if isinstance(output, str | os.PathLike):
         _write_csv_atomically(table, Path(output))
     else:

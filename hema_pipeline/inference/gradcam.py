@@ -19,7 +19,6 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from hema_pipeline.inference.cards import crop_fraction
 from hema_pipeline.inference.predict import CellClassifier, ImageSource, prepare_images
 
 DEFAULT_OVERLAY_OPACITY = 0.5
@@ -49,7 +48,7 @@ class GradCam:
     def __init__(self, classifier: CellClassifier, last_conv_layer: str | None = None) -> None:
         self.classifier = classifier
         model = classifier.model
-        name = last_conv_layer or classifier.card.last_conv_layer
+        name = last_conv_layer or classifier.contract.last_conv_layer
         try:
             layer = model.get_layer(name)
         except ValueError:
@@ -66,7 +65,7 @@ class GradCam:
         self.last_conv_layer = name
         gradient_model = keras.Model(model.inputs, [layer.output, model.outputs[0]], name=f"{model.name}_gradcam")
 
-        size = classifier.card.input_size
+        size = classifier.contract.input_size
 
         # One trace per model: any batch size, and class index -1 meaning "the predicted class".
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32), tf.TensorSpec([None], tf.int32)])
@@ -98,7 +97,7 @@ class GradCam:
             classes = tf.constant(list(class_indices), tf.int32)
             if classes.shape[0] != model_input.shape[0]:
                 raise ValueError(f"{classes.shape[0]} class indices for {model_input.shape[0]} images")
-            count = len(self.classifier.card.class_names)
+            count = len(self.classifier.contract.class_names)
             if not all(0 <= index < count for index in class_indices):
                 raise ValueError(f"class indices must be within [0, {count})")
         cams, chosen, logits = self._maps(model_input, classes)
@@ -117,19 +116,19 @@ class GradCam:
         batch_size: int = 64,
     ) -> list[bytes]:
         """``png`` for many images, with the gradient pass batched (a smear's referred cells at once)."""
-        card = self.classifier.card
-        names = list(card.class_names)
+        contract = self.classifier.contract
+        names = list(contract.class_names)
         if class_names is not None and len(class_names) != len(images):
             raise ValueError(f"{len(class_names)} class names for {len(images)} images")
         pngs: list[bytes] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
             indices = None if class_names is None else [names.index(name) for name in class_names[start : start + batch_size]]
-            result = self.maps(prepare_images(chunk, card.input_size, crop_fraction(card)), indices)
+            result = self.maps(prepare_images(chunk, contract.input_size, contract.crop_fraction), indices)
             for image, heatmap in zip(chunk, result.heatmaps, strict=True):
                 data = image if isinstance(image, bytes) else Path(image).read_bytes()
                 original = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8).numpy()
-                pngs.append(encode_png(overlay_on_seen_region(original, heatmap, crop_fraction(card), opacity)))
+                pngs.append(encode_png(overlay_on_seen_region(original, heatmap, contract.crop_fraction, opacity)))
         return pngs
 
 

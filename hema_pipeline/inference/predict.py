@@ -21,25 +21,14 @@ import pandas as pd
 import tensorflow as tf
 
 from hema_pipeline.datasets.input_pipeline import decode_and_resize
-from hema_pipeline.inference.cards import (
-    ModelCard,
-    crop_fraction,
-    energy_temperature,
-    features_layer,
-    minimum_confidences,
-    ood_method,
-    test_time_views,
-    validate_card,
-)
 from hema_pipeline.inference.routing import (
-    LOW_CONFIDENCE,
     PREDICTION_COLUMNS,
-    UNFAMILIAR,
     Route,
     cells_to_route,
     validate_routes,
 )
-from hema_pipeline.modeling.calibration import energy_score, softmax
+from hema_pipeline.modeling.calibration import ACCEPTED, softmax
+from hema_pipeline.modeling.contract import ModelContract
 from hema_pipeline.modeling.networks import dihedral_views, mean_over_views
 
 DEFAULT_BATCH_SIZE = 64
@@ -69,54 +58,47 @@ class FeatureOodScorer(Protocol):
 
 
 class CellClassifier:
-    """A model with its card and a compiled forward pass, built once and reused for every batch.
+    """A model with its contract and a compiled forward pass, built once and reused for every batch.
 
-    Input pixels are scaled to the range the model was trained on: ``pixel_range`` if given, else the
-    card's, else the range its ``pixel_scaling`` layer was built for, else 255 (the networks' default).
-    Feeding [0, 255] to a model trained on [0, 1] runs without error and predicts nonsense, so this is
-    never guessed from the images.
+    Input pixels are scaled to the range the model was trained on: the contract's, else the range its
+    ``pixel_scaling`` layer was built for, else 255 (the networks' default). Feeding [0, 255] to a model
+    trained on [0, 1] runs without error and predicts nonsense, so this is never guessed from the images.
 
-    A card whose ``ood_threshold`` is on a feature-space score (``ood_method`` "mahalanobis") needs that
+    A contract whose ``ood_threshold`` is on a feature-space score (``ood_method`` "mahalanobis") needs that
     score's ``feature_scorer`` (the registry stores it as an attachment of the model); the forward pass
-    then also returns the card's features layer."""
+    then also returns the contract's features layer."""
 
-    def __init__(
-        self,
-        model: keras.Model,
-        card: ModelCard,
-        pixel_range: float | None = None,
-        feature_scorer: FeatureOodScorer | None = None,
-    ) -> None:
-        validate_card(card)
+    def __init__(self, model: keras.Model, contract: ModelContract, feature_scorer: FeatureOodScorer | None = None) -> None:
         outputs = int(model.outputs[0].shape[-1])
-        if outputs != len(card.class_names):
+        if outputs != len(contract.class_names):
             raise ValueError(
-                f"model {card.model_version} outputs {outputs} logits but its card names {len(card.class_names)} classes"
+                f"model {contract.model_version} outputs {outputs} logits but its card names {len(contract.class_names)} classes"
             )
         input_shape = tuple(model.inputs[0].shape[1:3])
-        if None not in input_shape and input_shape != (card.input_size, card.input_size):
-            raise ValueError(f"model {card.model_version} takes {input_shape} images, its card says {card.input_size}")
-        method = ood_method(card)
+        if None not in input_shape and input_shape != (contract.input_size, contract.input_size):
+            raise ValueError(f"model {contract.model_version} takes {input_shape} images, its card says {contract.input_size}")
+        method = contract.ood_method
         if method not in (None, "energy") and feature_scorer is None:
-            raise ValueError(f"model {card.model_version}: its OOD threshold is on {method!r} scores; pass that feature_scorer")
+            raise ValueError(
+                f"model {contract.model_version}: its OOD threshold is on {method!r} scores; pass that feature_scorer"
+            )
         if method in (None, "energy") and feature_scorer is not None:
-            raise ValueError(f"model {card.model_version}: a feature_scorer was given but its card scores {method or 'no'} OOD")
+            raise ValueError(
+                f"model {contract.model_version}: a feature_scorer was given but its card scores {method or 'no'} OOD"
+            )
         self.model = model
-        self.card = card
+        self.contract = contract
         self.feature_scorer = feature_scorer
-        if pixel_range is None:
-            pixel_range = getattr(card, "pixel_range", None) or model_pixel_range(model)
+        pixel_range = contract.pixel_range or model_pixel_range(model)
         self.pixel_range = float(pixel_range if pixel_range is not None else 255.0)
-        if self.pixel_range <= 0:
-            raise ValueError("pixel_range must be positive")
-        size = card.input_size
+        size = contract.input_size
         pixel_scale = self.pixel_range / 255.0
         network = model
         if feature_scorer is not None:
-            network = keras.Model(model.inputs, [model.outputs[0], model.get_layer(features_layer(card)).output])
+            network = keras.Model(model.inputs, [model.outputs[0], model.get_layer(contract.features_layer).output])
 
-        # Logits (and features) are the mean over the dihedral views the card's thresholds were fitted on.
-        views = test_time_views(card)
+        # Logits (and features) are the mean over the dihedral views the contract's thresholds were fitted on.
+        views = contract.test_time_views
 
         # A fixed signature traces once; the last, smaller batch does not retrace.
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
@@ -144,12 +126,12 @@ class CellClassifier:
         return self.outputs(images)[0]
 
     def ood_scores(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray | None:
-        """The score the card's ood_threshold applies to, or None when the card has none."""
-        if self.card.ood_threshold is None:
+        """The score the contract's ood_threshold applies to, or None when it has none."""
+        if self.contract.ood_threshold is None:
             return None
         if self.feature_scorer is not None:
             return np.asarray(self.feature_scorer.score(features), np.float64)
-        return energy_scores(logits, energy_temperature(self.card))
+        return self.contract.energy(logits)
 
     def model_input(self, images: np.ndarray) -> np.ndarray:
         """uint8 images as the model receives them (float32 in [0, pixel_range]), for Grad-CAM."""
@@ -179,45 +161,32 @@ def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarr
     return softmax(np.asarray(logits, np.float64), temperature)
 
 
-def energy_scores(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Energy score (Liu et al. 2020), -T * logsumexp(logits / T): the score the card's ood_threshold
-    was fitted on (at the card's energy temperature, 1.0 unless it says otherwise)."""
-    return energy_score(np.asarray(logits, np.float64), temperature)
-
-
 def prediction_frame(
-    logits: np.ndarray, card: ModelCard, cell_keys: Sequence[str], ood_scores: np.ndarray | None = None
+    logits: np.ndarray, contract: ModelContract, cell_keys: Sequence[str], ood_scores: np.ndarray | None = None
 ) -> pd.DataFrame:
-    """The prediction table (``routing.PREDICTION_COLUMNS``) for logits in the card's class order.
-    ``ood_scores`` (``CellClassifier.ood_scores``) default to the energy, the card's default OOD score."""
-    class_names = list(card.class_names)
-    probabilities = calibrated_probabilities(logits, card.temperature)
-    energy = energy_scores(logits, energy_temperature(card))
-    predicted = probabilities.argmax(axis=1)
-    confidence = probabilities[np.arange(len(predicted)), predicted]
-    # Accepted iff confidence >= the predicted class's minimum, as calibration.accepted_by_policy.
-    minimum = np.array(minimum_confidences(card), np.float64)
-    low_confidence = confidence < minimum[predicted]
-    if card.ood_threshold is None:
-        scores = np.full(len(energy), np.nan)
-        unfamiliar = np.zeros(len(energy), dtype=bool)
-    else:
-        scores = energy if ood_scores is None else np.asarray(ood_scores, np.float64)
-        unfamiliar = scores > card.ood_threshold
-    reasons = np.full(len(energy), None, dtype=object)
-    reasons[low_confidence] = LOW_CONFIDENCE
-    reasons[unfamiliar] = UNFAMILIAR  # assigned last: unfamiliar wins, as in calibration.triage_cells
+    """The prediction table (``routing.PREDICTION_COLUMNS``) for logits in the contract's class order,
+    triaged by ``ModelContract.triage`` (the rule calibration certified). ``ood_scores``
+    (``CellClassifier.ood_scores``) default to the energy, the default OOD score."""
+    class_names = list(contract.class_names)
+    probabilities = calibrated_probabilities(logits, contract.temperature)
+    energy = contract.energy(logits)
+    if contract.ood_threshold is not None and ood_scores is None:
+        ood_scores = energy
+    triage = contract.triage(logits, ood_scores)
+    decisions = triage.decisions
     frame = pd.DataFrame(
         {
             "cell_key": list(cell_keys),
-            "task": card.task,
-            "model_version": card.model_version,
-            "predicted_class": [class_names[index] for index in predicted],
-            "confidence": confidence,
+            "task": contract.task,
+            "model_version": contract.model_version,
+            "predicted_class": [class_names[index] for index in triage.predicted],
+            "confidence": triage.confidence,
             "energy": energy,
-            "ood_score": scores,
-            "accepted": ~(unfamiliar | low_confidence),
-            "referral_reason": pd.Series(reasons, dtype=object),
+            "ood_score": np.full(len(energy), np.nan) if ood_scores is None else np.asarray(ood_scores, np.float64),
+            "accepted": decisions == ACCEPTED,
+            "referral_reason": pd.Series(
+                [None if decision == ACCEPTED else str(decision) for decision in decisions], dtype=object
+            ),
             "probabilities": [dict(zip(class_names, row, strict=True)) for row in probabilities.tolist()],
         }
     )
@@ -258,7 +227,7 @@ def _image_dataset(images: Sequence[ImageSource], input_size: int, crop: float) 
 
 def prepare_images(images: Sequence[ImageSource], input_size: int, crop: float = 1.0) -> np.ndarray:
     """Decoded, cropped and resized uint8 images ``[n, input_size, input_size, 3]``, exactly as the
-    training pipeline prepares them (``datasets.input_pipeline.decode_and_resize``; ``crop`` is the card's
+    training pipeline prepares them (``datasets.input_pipeline.decode_and_resize``; ``crop`` is the contract's
     ``crop_fraction``); eager, for Grad-CAM and checks. An unreadable image raises ``UnreadableImagesError``."""
     arrays = []
     failures = []
@@ -317,12 +286,12 @@ def predict_readable_images(
         raise ValueError(f"{len(keys)} cell keys for {len(images)} images")
     if len(set(keys)) != len(keys):
         raise ValueError("cell keys must be unique")
-    card = classifier.card
+    contract = classifier.contract
     if not images:
-        return prediction_frame(np.zeros((0, len(card.class_names))), card, []), []
+        return prediction_frame(np.zeros((0, len(contract.class_names))), contract, []), []
 
     dataset = (
-        _image_dataset(images, card.input_size, crop_fraction(card))
+        _image_dataset(images, contract.input_size, contract.crop_fraction)
         # A corrupt image must not end the batch for the others: drop it here, diagnose it below.
         .ignore_errors(log_warning=False)
         .batch(batch_size)
@@ -343,13 +312,15 @@ def predict_readable_images(
         seen = np.concatenate(seen_indices)
         order = np.argsort(seen, kind="stable")
         seen, logits, features = seen[order], np.concatenate(all_logits)[order], np.concatenate(all_features)[order]
-        frame = prediction_frame(logits, card, [keys[index] for index in seen], classifier.ood_scores(logits, features))
+        frame = prediction_frame(logits, contract, [keys[index] for index in seen], classifier.ood_scores(logits, features))
     else:
         seen = np.zeros(0, np.int64)
-        frame = prediction_frame(np.zeros((0, len(card.class_names))), card, [])
+        frame = prediction_frame(np.zeros((0, len(contract.class_names))), contract, [])
 
     failed = sorted(set(range(len(images))) - set(seen.tolist()))
-    failures = [UnreadableImage(keys[index], _diagnose(images[index], card.input_size, crop_fraction(card))) for index in failed]
+    failures = [
+        UnreadableImage(keys[index], _diagnose(images[index], contract.input_size, contract.crop_fraction)) for index in failed
+    ]
     return frame, failures
 
 
@@ -385,7 +356,7 @@ def predict_routed(
     """Every image through the primary model, then each route's accepted cells through its specialist
     model. Returns all stages' rows (one per cell and model that saw it, ``routing.PREDICTION_COLUMNS``);
     ``routing.merge_cell_results`` folds them into one row per cell."""
-    validate_routes(primary_task, routes, {task: classifier.card for task, classifier in classifiers.items()})
+    validate_routes(primary_task, routes, {task: classifier.contract for task, classifier in classifiers.items()})
     keys = list(cell_keys) if cell_keys is not None else _default_keys(images)
     image_by_key = dict(zip(keys, images, strict=True))
     stages = [predict_images(images, classifiers[primary_task], cell_keys=keys, batch_size=batch_size)]

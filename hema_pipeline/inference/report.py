@@ -20,7 +20,6 @@ from typing import Any
 import pandas as pd
 
 from hema_pipeline.anonymise.pseudonymise import PSEUDONYM_HEX_CHARS
-from hema_pipeline.inference.cards import ModelCard, card_thresholds, validate_card
 from hema_pipeline.inference.differential import (
     DEFAULT_CONFIDENCE_LEVEL,
     NON_LEUKOCYTE_CLASSES,
@@ -37,6 +36,7 @@ from hema_pipeline.inference.differential import (
     smear_flags,
 )
 from hema_pipeline.inference.routing import REFERRAL_REASONS, Route, merge_cell_results, stage_order, validate_routes
+from hema_pipeline.modeling.contract import ModelContract
 
 SMEAR_PSEUDONYM = re.compile(rf"S[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
 
@@ -71,7 +71,7 @@ class SmearReport:
     referred_cells: int
     referrals_by_reason: Mapping[str, int]
     agreement: AnalyserAgreement | None  # None when no analyser classes were given
-    models: tuple[Mapping[str, Any], ...]  # cards.card_thresholds of each model, in stage order
+    models: tuple[Mapping[str, Any], ...]  # ModelContract.decision_settings of each model, in stage order
     settings: ReportSettings
 
     @property
@@ -121,7 +121,7 @@ class SmearReport:
 def build_smear_report(
     smear_id: str,
     predictions: pd.DataFrame,
-    cards: Mapping[str, ModelCard],
+    contracts: Mapping[str, ModelContract],
     primary_task: str,
     routes: Sequence[Route] = (),
     *,
@@ -131,18 +131,16 @@ def build_smear_report(
 ) -> SmearReport:
     """The report for one smear from its prediction table (cell keys are cell_uids ``<smear_id>:<n>``).
 
-    ``cards`` hold the model of each task that ran; only rows of those model versions are used, so a
+    ``contracts`` hold the model of each task that ran; only rows of those model versions are used, so a
     table that also holds an older model's predictions gives the same report. ``analyser_classes``
     (cell_uid -> the analyser's pre-classification) adds agreement with the analyser."""
     if not SMEAR_PSEUDONYM.fullmatch(smear_id):
         raise ValueError("smear_id must be a smear pseudonym ('S' + hex); a report never carries other identifiers")
-    for card in cards.values():
-        validate_card(card)
-    validate_routes(primary_task, routes, cards)
+    validate_routes(primary_task, routes, contracts)
     tasks = stage_order(primary_task, routes)
     current = pd.concat(
         [
-            predictions[(predictions["task"] == task) & (predictions["model_version"] == cards[task].model_version)]
+            predictions[(predictions["task"] == task) & (predictions["model_version"] == contracts[task].model_version)]
             for task in tasks
         ],
         ignore_index=True,
@@ -151,14 +149,14 @@ def build_smear_report(
     if foreign:
         raise ValueError(f"{len(foreign)} predictions are not cells of {smear_id} (e.g. {foreign[0]!r})")
 
-    primary_card = cards[primary_task]
+    primary_contract = contracts[primary_task]
     primary = compute_differential(
         current,
         primary_task,
-        primary_card.class_names,
-        model_version=primary_card.model_version,
+        primary_contract.class_names,
+        model_version=primary_contract.model_version,
         reference_ranges=settings.reference_ranges,
-        outside_denominator=[name for name in NON_LEUKOCYTE_CLASSES if name in primary_card.class_names],
+        outside_denominator=[name for name in NON_LEUKOCYTE_CLASSES if name in primary_contract.class_names],
         confidence=settings.confidence,
     )
     specialists = []
@@ -168,8 +166,8 @@ def build_smear_report(
             compute_differential(
                 current,
                 task,
-                cards[task].class_names,
-                model_version=cards[task].model_version,
+                contracts[task].class_names,
+                model_version=contracts[task].model_version,
                 denominator_label=" / ".join(_readable(name) for name in routed_classes) + " cells",
                 confidence=settings.confidence,
             )
@@ -196,7 +194,7 @@ def build_smear_report(
         referred_cells=len(referred),
         referrals_by_reason=referrals_by_reason,
         agreement=agreement,
-        models=tuple(card_thresholds(cards[task]) for task in tasks),
+        models=tuple(contracts[task].decision_settings() for task in tasks),
         settings=settings,
     )
 

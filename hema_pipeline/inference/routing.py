@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from hema_pipeline.inference.cards import ModelCard
+from hema_pipeline.modeling.calibration import LOW_CONFIDENCE, UNFAMILIAR
+from hema_pipeline.modeling.contract import ModelContract
 from hema_pipeline.taxonomy import LYMPHOCYTE, NEUTROPHIL
 
-# Referral reasons, in order of precedence: an unfamiliar cell's confidence means little, so a cell that
-# is both is reported as unfamiliar.
-UNFAMILIAR = "unfamiliar"
-LOW_CONFIDENCE = "low_confidence"
+# Referral reasons (``calibration.triage_cells``), in order of precedence: an unfamiliar cell's confidence
+# means little, so a cell that is both is reported as unfamiliar.
 REFERRAL_REASONS: tuple[str, ...] = (UNFAMILIAR, LOW_CONFIDENCE)
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
@@ -66,19 +65,19 @@ def thesis_routes(primary_task: str, neutrophil_dysplasia_task: str, lymphocyte_
     )
 
 
-def validate_routes(primary_task: str, routes: Sequence[Route], cards: Mapping[str, ModelCard]) -> None:
+def validate_routes(primary_task: str, routes: Sequence[Route], contracts: Mapping[str, ModelContract]) -> None:
     """Every route must start from a task already run (the primary or an earlier route's target), name a
     class that model has, and lead to a model that is available and not already upstream."""
-    if primary_task not in cards:
-        raise ValueError(f"no model for the primary task {primary_task!r}; have {sorted(cards)}")
+    if primary_task not in contracts:
+        raise ValueError(f"no model for the primary task {primary_task!r}; have {sorted(contracts)}")
     reached = {primary_task}
     for route in routes:
         if route.from_task not in reached:
             raise ValueError(f"{route}: {route.from_task!r} has not run before this route (order routes upstream first)")
-        if route.from_class not in cards[route.from_task].class_names:
+        if route.from_class not in contracts[route.from_task].class_names:
             raise ValueError(f"{route}: {route.from_task!r} has no class {route.from_class!r}")
-        if route.to_task not in cards:
-            raise ValueError(f"{route}: no model for {route.to_task!r}; have {sorted(cards)}")
+        if route.to_task not in contracts:
+            raise ValueError(f"{route}: no model for {route.to_task!r}; have {sorted(contracts)}")
         if route.to_task == primary_task or route.to_task == route.from_task:
             raise ValueError(f"{route}: a route may not lead back to a model upstream of it")
         reached.add(route.to_task)

@@ -66,7 +66,7 @@ def infer_smear(
     report = build_smear_report(
         smear_id,
         predictions,
-        {task: classifier.card for task, classifier in classifiers.items()},
+        {task: classifier.contract for task, classifier in classifiers.items()},
         primary_task,
         routes,
         analyser_classes=dict(zip(cell_uids, cells["analyser_class"].astype(str), strict=True)),

@@ -525,11 +525,12 @@ def fit_referral_policy(
     )
 
 
-def accepted_by_policy(policy: ReferralPolicy, probabilities: np.ndarray) -> np.ndarray:
-    """Boolean mask of cells the policy accepts (the rest are referred)."""
+def accepted_at(probabilities: np.ndarray, minimum_confidences: Sequence[float]) -> np.ndarray:
+    """Boolean mask of the cells accepted: top probability at least the predicted class's minimum (the
+    rest are referred). The one acceptance rule: certification, test evaluation and prediction use it."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    thresholds = np.asarray(policy.thresholds, dtype=np.float64)
-    return probabilities.max(axis=1) >= thresholds[probabilities.argmax(axis=1)]
+    minimums = np.asarray(minimum_confidences, dtype=np.float64)
+    return probabilities.max(axis=1) >= minimums[probabilities.argmax(axis=1)]
 
 
 @dataclass(frozen=True)
@@ -553,7 +554,7 @@ def evaluate_referral(policy: ReferralPolicy, probabilities: np.ndarray, labels:
     """Coverage and accepted-cell accuracy of ``policy`` on a split it was not fitted on."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    accepted = accepted_by_policy(policy, probabilities)
+    accepted = accepted_at(probabilities, policy.thresholds)
     predicted = probabilities.argmax(axis=1)
     correct = predicted == labels
     rows = []
@@ -695,8 +696,9 @@ def fit_ood_threshold(
     )
 
 
-def is_unfamiliar(scores: np.ndarray, threshold: OodThreshold) -> np.ndarray:
-    return np.asarray(scores, dtype=np.float64) > threshold.threshold
+def is_unfamiliar(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The one unfamiliarity rule: an OOD score above the fitted threshold."""
+    return np.asarray(scores, dtype=np.float64) > threshold
 
 
 def leave_one_class_out_report(
@@ -718,14 +720,14 @@ def leave_one_class_out_report(
             "group": "known",
             "held_out": False,
             "cells": len(known_scores),
-            "referred": int(is_unfamiliar(known_scores, threshold).sum()),
-            "referred_share": float(is_unfamiliar(known_scores, threshold).mean()) if len(known_scores) else math.nan,
+            "referred": int(is_unfamiliar(known_scores, threshold.threshold).sum()),
+            "referred_share": float(is_unfamiliar(known_scores, threshold.threshold).mean()) if len(known_scores) else math.nan,
             "roc_auc_vs_known": math.nan,
         }
     ]
     for name, scores in held_out_scores.items():
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        referred = is_unfamiliar(scores, threshold)
+        referred = is_unfamiliar(scores, threshold.threshold)
         auc = math.nan
         if len(scores) and len(known_scores):
             truth = np.r_[np.zeros(len(known_scores)), np.ones(len(scores))]
@@ -763,15 +765,16 @@ class CellTriage:
 def triage_cells(
     logits: np.ndarray,
     temperature: float,
-    policy: ReferralPolicy,
+    minimum_confidences: Sequence[float],
     ood_scores: np.ndarray | None = None,
-    ood_threshold: OodThreshold | None = None,
+    ood_threshold: float | None = None,
 ) -> CellTriage:
-    """Unfamiliar wins over low confidence: a cell unlike anything in training is flagged as such even
-    when the model is confident about it (confident errors on unseen cell types are the failure the
-    thesis saw: 67% of unseen abnormal cells were called monocytes)."""
+    """Each cell accepted, referred for low confidence (``accepted_at`` fails) or referred as unfamiliar (OOD
+    score above ``ood_threshold``). Unfamiliar wins over low confidence: a cell unlike anything in training
+    is flagged as such even when the model is confident about it (confident errors on unseen cell types are
+    the failure the thesis saw: 67% of unseen abnormal cells were called monocytes)."""
     probabilities = softmax(logits, temperature)
-    decisions = np.where(accepted_by_policy(policy, probabilities), ACCEPTED, LOW_CONFIDENCE).astype(object)
+    decisions = np.where(accepted_at(probabilities, minimum_confidences), ACCEPTED, LOW_CONFIDENCE).astype(object)
     if (ood_scores is None) != (ood_threshold is None):
         raise ValueError("give both ood_scores and ood_threshold, or neither")
     if ood_scores is not None and ood_threshold is not None:

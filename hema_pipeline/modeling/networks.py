@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from hema_pipeline.modeling import pretrained
+from hema_pipeline.modeling.contract import check_test_time_views
 from hema_pipeline.storage.object_store import ObjectStore
 
 LOGITS_LAYER = "logits"
@@ -400,13 +401,6 @@ def _application_trunk(x: Any, arch: ArchitectureConfig) -> Any:
 # The dihedral group of the square, ordered so that the first 1, 2, 4 or 8 elements form a subgroup
 # (identity; + half turn; + both flips; + transpose, anti-transpose and the quarter turns): averaging over
 # a subgroup gives an answer invariant to exactly those transformations.
-TEST_TIME_VIEW_COUNTS: tuple[int, ...] = (1, 2, 4, 8)
-
-
-def check_test_time_views(views: int) -> int:
-    if views not in TEST_TIME_VIEW_COUNTS:
-        raise ValueError(f"test-time views must be one of {TEST_TIME_VIEW_COUNTS}, got {views}")
-    return views
 
 
 def dihedral_views(images: tf.Tensor, views: int) -> tf.Tensor:

@@ -44,6 +44,7 @@ from hema_pipeline.modeling.calibration import (
     ReferralOutcome,
     ReferralPolicy,
 )
+from hema_pipeline.modeling.contract import ModelContract
 from hema_pipeline.modeling.evaluation import PER_CLASS_COLUMNS, EvaluationReport
 from hema_pipeline.storage.object_store import ObjectStore
 from hema_pipeline.storage.warehouse import Warehouse, replace_rows
@@ -137,6 +138,8 @@ class ModelCard:
     features_layer: str = "features"  # penultimate feature vector (Mahalanobis OOD, embeddings)
     last_conv_layer: str = "last_conv"  # last spatial feature map (Grad-CAM)
     # Preprocessing and read-out the temperature and thresholds were fitted with; inference repeats them.
+    # Every card written since these fields exist states them (draft_model_card requires them); the
+    # defaults are what cards written before them were fitted with: the whole image, one view.
     crop_fraction: float = 1.0  # centred share of each image's shortest side the network sees
     test_time_views: int = 1  # dihedral views of each cell whose logits are averaged
     model_version: str = ""
@@ -166,24 +169,25 @@ class ModelCard:
     def ood_settings(self) -> OodThreshold | None:
         return None if self.ood is None else OodThreshold.from_dict(self.ood)
 
-    # The flat view inference reads (``hema_pipeline.inference.cards.ModelCard``).
-
-    @property
-    def class_thresholds(self) -> dict[str, float | None]:
-        """Minimum calibrated confidence per predicted class; None: every such cell is referred."""
-        return dict(zip(self.referral["class_names"], self.referral["thresholds"], strict=True))
-
-    @property
-    def ood_method(self) -> str | None:
-        return None if self.ood is None else str(self.ood["method"])
-
-    @property
-    def ood_threshold(self) -> float | None:
-        return None if self.ood is None else float(self.ood["threshold"])
-
-    @property
-    def energy_temperature(self) -> float:
-        return 1.0 if self.ood is None else float(self.ood.get("energy_temperature", 1.0))
+    def contract(self) -> ModelContract:
+        """What inference takes: the classes, preprocessing, temperature and thresholds of this model."""
+        policy, ood = self.referral_policy(), self.ood_settings()
+        return ModelContract(
+            task=self.task,
+            model_version=self.model_version,
+            class_names=tuple(self.class_names),
+            input_size=self.input_size,
+            pixel_range=self.pixel_range,
+            crop_fraction=self.crop_fraction,
+            test_time_views=self.test_time_views,
+            temperature=self.temperature,
+            class_thresholds=dict(zip(policy.class_names, policy.thresholds, strict=True)),
+            ood_method=None if ood is None else ood.method,
+            ood_threshold=None if ood is None else ood.threshold,
+            energy_temperature=1.0 if ood is None else ood.energy_temperature,
+            features_layer=self.features_layer,
+            last_conv_layer=self.last_conv_layer,
+        )
 
 
 def draft_model_card(
@@ -199,10 +203,10 @@ def draft_model_card(
     referral: ReferralPolicy,
     test_referral: ReferralOutcome,
     ood: OodThreshold | None,
+    crop_fraction: float,
+    test_time_views: int,
     training_details: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
-    crop_fraction: float = 1.0,
-    test_time_views: int = 1,
 ) -> ModelCard:
     """Assemble a card from the stage results; ``register_model`` fills in the version and keys.
 
@@ -719,13 +723,15 @@ def current_champion(warehouse: Warehouse, task: str) -> str | None:
 
 
 def current_champions(warehouse: Warehouse, tasks: Sequence[str]) -> dict[str, str | None]:
-    """``current_champion`` for several tasks over one read-only connection (the prediction stage asks
-    for every smear)."""
-    if not warehouse.exists():
+    """Each task's champion as the ``model_champions`` view names it (the promotion log's latest
+    champion-changing event), over one read-only connection; None for a task without one."""
+    if not tasks or not warehouse.exists():
         return dict.fromkeys(tasks)
-    with warehouse.connect(read_only=True) as connection:
-        stacks = {task: _champion_stack(connection, task) for task in tasks}
-    return {task: stack[-1] if stack else None for task, stack in stacks.items()}
+    placeholders = ", ".join("?" for _ in tasks)
+    rows = warehouse.query(f"select task, model_version from model_champions where task in ({placeholders})", list(tasks))
+    champions: dict[str, str | None] = dict.fromkeys(tasks)
+    champions.update(zip(rows["task"], rows["model_version"], strict=True))
+    return champions
 
 
 def promotion_history(warehouse: Warehouse, task: str) -> pd.DataFrame:
@@ -734,7 +740,7 @@ def promotion_history(warehouse: Warehouse, task: str) -> pd.DataFrame:
 
 def _champion_stack(connection: duckdb.DuckDBPyConnection, task: str) -> list[str]:
     """Replay the decision log: a promotion pushes a champion, a rollback pops one. The top is the
-    current champion; the one below is where a rollback goes."""
+    champion ``model_champions`` names; the one below is where a rollback goes (only writers replay)."""
     events = connection.execute(
         "select model_version, previous_champion, action from model_promotions where task = ? order by sequence",
         [task],

@@ -9,9 +9,9 @@ with versions_per_smear as (
            p.task,
            p.model_version,
            max(p.predicted_at) as last_predicted_at,
-           coalesce(bool_or(m.status = 'champion'), false) as is_champion
+           coalesce(bool_or(ch.model_version is not null), false) as is_champion
     from predictions p
-    left join models m on m.model_version = p.model_version and m.task = p.task
+    left join model_champions ch on ch.model_version = p.model_version and ch.task = p.task
     group by p.smear_id, p.task, p.model_version
 ),
 ranked as (
