@@ -348,7 +348,7 @@ def main() -> int:
         from hema_pipeline.inference.champions import champion_classifiers
         from hema_pipeline.inference.classify import classify_files
         from hema_pipeline.inference.predict import CellClassifier
-        from hema_pipeline.modeling.registry import current_champion, load_model
+        from hema_pipeline.modeling.promotion import current_champion, load_champion
         from hema_pipeline.storage.object_store import open_object_store
         from hema_pipeline.storage.warehouse import Warehouse
 
@@ -372,7 +372,7 @@ def main() -> int:
 
         # Model load alone (what every classify start and every prediction run pays).
         mark = time.perf_counter()
-        loaded = load_model(lake, warehouse, "pbc8")
+        loaded = load_champion(lake, warehouse, "pbc8")
         classifier = CellClassifier(loaded.model, loaded.card.contract())
         figures["pbc8_load_s"] = time.perf_counter() - mark
         size, pixel_range = loaded.card.input_size, classifier.pixel_range

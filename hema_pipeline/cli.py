@@ -147,7 +147,7 @@ def _models(args: argparse.Namespace) -> int:
             return 0
         if args.action == "show":
             return _show_model(warehouse, args.model_version, as_json=args.json)
-        from hema_pipeline.modeling.registry import promote_by_operator, rollback
+        from hema_pipeline.modeling.promotion import promote_by_operator, rollback
 
         if args.action == "promote":
             decision = promote_by_operator(warehouse, args.task, args.model_version, args.reason)
@@ -237,6 +237,7 @@ def _classify(args: argparse.Namespace) -> int:
     from hema_pipeline import settings
     from hema_pipeline.inference.classify import classify_files, collect_image_files
     from hema_pipeline.inference.predict import CellClassifier
+    from hema_pipeline.modeling.promotion import load_champion
     from hema_pipeline.modeling.registry import load_model
     from hema_pipeline.storage.object_store import open_object_store
     from hema_pipeline.storage.warehouse import Warehouse
@@ -255,7 +256,11 @@ def _classify(args: argparse.Namespace) -> int:
         return 2
     lake = open_object_store(settings.lake_url(), endpoint_url=settings.s3_endpoint_url() or None)
     try:
-        loaded = load_model(lake, warehouse, args.task, args.model)
+        loaded = (
+            load_champion(lake, warehouse, args.task)
+            if args.model is None
+            else load_model(lake, warehouse, args.task, args.model)
+        )
     except (KeyError, LookupError, ValueError) as error:
         print(f"hema classify: {error}", file=sys.stderr)
         return 2

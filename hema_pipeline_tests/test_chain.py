@@ -187,7 +187,7 @@ def test_train_register_promote_predict_report(chain, tmp_path):
     # Re-running predictions adds no rows; a new champion adds its own and keeps the old ones.
     _predict(env, instance, partitions[:2])
     assert warehouse.query("select count(*) as n from predictions where task = 'pbc8'").n[0] == cells
-    from hema_pipeline.modeling.registry import current_champion, rollback
+    from hema_pipeline.modeling.promotion import current_champion, rollback
 
     rollback(warehouse, "pbc8", reason="test: champion change")
     assert current_champion(warehouse, "pbc8") == first_champion

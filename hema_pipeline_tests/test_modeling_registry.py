@@ -24,20 +24,22 @@ from hema_pipeline.modeling.calibration import (
 )
 from hema_pipeline.modeling.evaluation import evaluate_logits
 from hema_pipeline.modeling.networks import compact
-from hema_pipeline.modeling.registry import (
-    MAHALANOBIS_ATTACHMENT,
-    ModelCard,
+from hema_pipeline.modeling.promotion import (
     PromotionPolicy,
     SplitMetrics,
     compare_on_same_split,
     current_champion,
     decide_promotion,
-    draft_model_card,
     promotion_history,
+    rollback,
+)
+from hema_pipeline.modeling.registry import (
+    MAHALANOBIS_ATTACHMENT,
+    ModelCard,
+    draft_model_card,
     read_attachment,
     read_card,
     register_model,
-    rollback,
     warehouse_rows,
 )
 from hema_pipeline.modeling.training import TrainingConfig
@@ -305,7 +307,8 @@ def test_the_contract_triages_exactly_as_the_certified_referral_counts(store, wa
 
 def test_registry_reads_never_write_the_warehouse(tmp_path):
     """Reading who is champion, or registry rows, must not re-apply the schema to the lab's file."""
-    from hema_pipeline.modeling.registry import current_champion, current_champions, warehouse_rows
+    from hema_pipeline.modeling.promotion import current_champion, current_champions
+    from hema_pipeline.modeling.registry import warehouse_rows
     from hema_pipeline.storage.warehouse import Warehouse
 
     warehouse = Warehouse(tmp_path / "warehouse.duckdb")

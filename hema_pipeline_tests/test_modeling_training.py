@@ -43,11 +43,10 @@ from hema_pipeline.modeling.networks import (
     predict_outputs,
     standard,
 )
+from hema_pipeline.modeling.promotion import decide_promotion, load_champion
 from hema_pipeline.modeling.registry import (
     MAHALANOBIS_ATTACHMENT,
-    decide_promotion,
     draft_model_card,
-    load_model,
     model_from_bytes,
     model_to_bytes,
     read_attachment,
@@ -410,7 +409,7 @@ def test_the_whole_chain_from_training_to_a_reloaded_champion(trained: TrainingR
     assert card.metrics["accuracy"] >= 0.95
     assert decide_promotion(warehouse, "brightness", card.model_version).promoted
 
-    champion = load_model(store, warehouse, "brightness")  # no version: the champion
+    champion = load_champion(store, warehouse, "brightness")
     assert champion.card == card
     reloaded = predict_outputs(champion.model, test[0])
     np.testing.assert_array_equal(reloaded.logits, test_outputs.logits)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from hema_pipeline.cli import main
-from hema_pipeline.modeling.registry import current_champion, decide_promotion, promotion_history, register_model
+from hema_pipeline.modeling.promotion import current_champion, decide_promotion, promotion_history
+from hema_pipeline.modeling.registry import register_model
 from hema_pipeline.storage.object_store import LocalObjectStore
 from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline_tests.test_modeling_registry import _card

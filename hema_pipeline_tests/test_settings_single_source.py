@@ -13,7 +13,7 @@ from hema_pipeline.defs.models import CalibrationConfig, PromotionConfig, Traini
 from hema_pipeline.defs.predictions import FlagThresholdsConfig
 from hema_pipeline.defs.quality import CellTableCheckConfig
 from hema_pipeline.inference.differential import FlagSettings
-from hema_pipeline.modeling.registry import PromotionPolicy
+from hema_pipeline.modeling.promotion import PromotionPolicy
 from hema_pipeline.modeling.stage import CalibrationSettings, TrainingSettings
 from hema_pipeline.monitoring.retraining import RetrainingPolicy
 from hema_pipeline.quality.cell_suite import CellTableRules

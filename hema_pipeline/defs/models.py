@@ -17,7 +17,8 @@ from hema_pipeline.defs.datasets import dataset_asset_key
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL
 from hema_pipeline.defs.kubernetes import TRAINING_RUN_POD, k8s_tags, training_executor, training_step_pod
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
-from hema_pipeline.modeling.registry import ModelCard, PromotionPolicy
+from hema_pipeline.modeling.promotion import PromotionPolicy
+from hema_pipeline.modeling.registry import ModelCard
 from hema_pipeline.modeling.stage import (
     CalibrationHandle,
     CalibrationSettings,
@@ -69,7 +70,7 @@ class CalibrationConfig(dg.Config):
 
 
 class PromotionConfig(dg.Config):
-    """The launchpad face of ``registry.PromotionPolicy`` (a test holds them together)."""
+    """The launchpad face of ``promotion.PromotionPolicy`` (a test holds them together)."""
 
     min_accuracy_gain: float = _PROMOTION_DEFAULTS.min_accuracy_gain
     min_macro_f1_gain: float = _PROMOTION_DEFAULTS.min_macro_f1_gain

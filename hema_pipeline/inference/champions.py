@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hema_pipeline.modeling.registry import current_champions, load_model
+from hema_pipeline.modeling.promotion import current_champions
+from hema_pipeline.modeling.registry import load_model
 from hema_pipeline.storage.object_store import ObjectStore
 from hema_pipeline.storage.warehouse import Warehouse
 

@@ -42,13 +42,9 @@ from hema_pipeline.modeling.calibration import (
 )
 from hema_pipeline.modeling.contract import check_test_time_views
 from hema_pipeline.modeling.evaluation import EvaluationReport, confusion_matrix_png, evaluate_logits
+from hema_pipeline.modeling.promotion import PromotionDecision, PromotionPolicy, SplitMetrics, current_champion, decide_promotion
 from hema_pipeline.modeling.registry import (
     ModelCard,
-    PromotionDecision,
-    PromotionPolicy,
-    SplitMetrics,
-    current_champion,
-    decide_promotion,
     draft_model_card,
     load_model,
     model_from_bytes,
@@ -413,7 +409,7 @@ def gate_candidate(
     dataset: DatasetHandle, lake: ObjectStore, warehouse: Warehouse, candidate: ModelCard, policy: PromotionPolicy
 ) -> GateOutcome:
     """The promotion gate: the champion sits the candidate's exam where their dataset versions differ, then
-    ``registry.decide_promotion`` decides and records the decision in the promotion log."""
+    ``promotion.decide_promotion`` decides and records the decision in the promotion log."""
     champion_on_split = champion_on_candidate_split(dataset, lake, warehouse, candidate.dataset_version)
     decision = decide_promotion(
         warehouse, dataset.task, candidate.model_version, policy, champion_on_challenger_split=champion_on_split
