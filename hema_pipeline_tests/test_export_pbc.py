@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hema_pipeline.export.cell_painting import draw_cell
 from hema_pipeline.export.format import METADATA_FILE_NAME, parse_smear_metadata
 from hema_pipeline.export.pbc import PbcExportSpec, default_shared_data_dir, export_pbc_as_smears
-from hema_pipeline.export.synthetic import GeneratedExport, draw_cell
+from hema_pipeline.export.synthetic import GeneratedExport
 from hema_pipeline.taxonomy import PBC_FOLDER_TO_CLASS
 from hema_pipeline_tests.conftest import require_pbc
 

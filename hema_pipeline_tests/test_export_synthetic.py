@@ -13,16 +13,15 @@ from sklearn.neighbors import NearestCentroid
 
 import hema_pipeline
 from hema_pipeline.anonymise.images import clean_cell_image
+from hema_pipeline.export.cell_painting import CELL_IMAGE_SIZE, draw_cell
 from hema_pipeline.export.format import METADATA_FILE_NAME, parse_smear_metadata
 from hema_pipeline.export.synthetic import (
     ANALYSER_CONFUSIONS,
-    CELL_IMAGE_SIZE,
     FEMALE_FIRST_NAMES,
     LAST_NAMES,
     MALE_FIRST_NAMES,
     GeneratedExport,
     SyntheticExportSpec,
-    draw_cell,
     generate_export,
     name_parts,
 )
