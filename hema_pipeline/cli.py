@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -355,9 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_library_noise() -> None:
+    """Keep a lab user's terminal to what this tool says: TensorFlow's start-up chatter and Keras's
+    retracing notices (about Keras's own training loop) and Dagster's notice that `Output(data_version=...)`
+    is a beta parameter say nothing a user can act on. Errors still show."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"Parameter `data_version` of initializer `Output.__init__` is currently in beta")
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
     args = build_parser().parse_args(argv)
     return int(args.handler(args))
 

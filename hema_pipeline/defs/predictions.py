@@ -198,7 +198,7 @@ def smear_predictions(
             "referred": sum(item["referred"] for item in predicted.values()),
             "smears_without_cells": dg.MetadataValue.json(without_cells),
             "model_versions": dg.MetadataValue.json(
-                {task: classifier.card.model_version for task, classifier in classifiers.items()}
+                {task: classifier.contract.model_version for task, classifier in classifiers.items()}
             ),
         },
     )

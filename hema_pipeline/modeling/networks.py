@@ -16,7 +16,8 @@ Only stock Keras layers are used, so a saved ``.keras`` file loads without custo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -453,6 +454,25 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_outputs(model: keras.Model, test_time_views: int) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """The traced forward pass of ``predict_outputs``, one per model and view count: evaluating a model on
+    several splits traces it once, not once per call (which TensorFlow warns about). The cache keeps the
+    last few models alive until they are evicted."""
+    extractor = feature_extractor(model)
+
+    # No Python control flow inside, so no AutoGraph (which fails on this closure with a warning).
+    @tf.function(reduce_retracing=True, autograph=False)
+    def run(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        logits, features = extractor(dihedral_views(tf.cast(images, tf.float32), test_time_views), training=False)
+        return (
+            mean_over_views(tf.cast(logits, tf.float32), test_time_views),
+            mean_over_views(tf.cast(features, tf.float32), test_time_views),
+        )
+
+    return run
+
+
 def predict_outputs(
     model: keras.Model,
     data: np.ndarray | tf.data.Dataset,
@@ -465,18 +485,7 @@ def predict_outputs(
 
     A dataset is iterated exactly once and labels are collected in the same pass: a dataset that
     reshuffles on each iteration would otherwise pair predictions with the wrong labels."""
-    extractor = feature_extractor(model)
-    check_test_time_views(test_time_views)
-
-    # No Python control flow inside, so no AutoGraph (which fails on this closure with a warning).
-    @tf.function(reduce_retracing=True, autograph=False)
-    def run(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        logits, features = extractor(dihedral_views(tf.cast(images, tf.float32), test_time_views), training=False)
-        return (
-            mean_over_views(tf.cast(logits, tf.float32), test_time_views),
-            mean_over_views(tf.cast(features, tf.float32), test_time_views),
-        )
-
+    run = _compiled_outputs(model, check_test_time_views(test_time_views))
     if isinstance(data, np.ndarray):
         data = tf.data.Dataset.from_tensor_slices(data)
     spec = data.element_spec
