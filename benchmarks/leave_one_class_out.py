@@ -95,17 +95,16 @@ def outputs_for_rows(model, lake, rows, image_size: int, crop_fraction: float, t
 
 def run_one(prepared, held_out_class: str, args) -> dict:
     from hema_pipeline.datasets.splits import CALIBRATION, TEST, TRAIN
-    from hema_pipeline.modeling.calibration import (
+    from hema_pipeline.modeling.calibration import ReferralPolicy, softmax
+    from hema_pipeline.modeling.contract import triage_cells
+    from hema_pipeline.modeling.evaluation import evaluate_logits
+    from hema_pipeline.modeling.ood import (
         MahalanobisScorer,
         OodThreshold,
-        ReferralPolicy,
         energy_score,
         fit_ood_threshold,
         leave_one_class_out_report,
-        softmax,
-        triage_cells,
     )
-    from hema_pipeline.modeling.evaluation import evaluate_logits
     from hema_pipeline.modeling.stage import SplitReader, load_trained
     from hema_pipeline.storage.object_store import LocalObjectStore
 

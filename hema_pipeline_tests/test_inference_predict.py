@@ -284,7 +284,7 @@ def test_routes_must_start_from_a_model_that_ran():
 def test_a_feature_space_ood_threshold_uses_its_scorer():
     """A card whose ood_threshold is on Mahalanobis distances (the registry can fit either) decides
     "unfamiliar" on that score, computed from the card's features layer, not on the energy."""
-    from hema_pipeline.modeling.calibration import MahalanobisScorer
+    from hema_pipeline.modeling.ood import MahalanobisScorer
 
     inputs = keras.Input((SIZE, SIZE, 3))
     features = keras.layers.Rescaling(1.0 / 255.0, name="features")(keras.layers.GlobalAveragePooling2D()(inputs))
@@ -326,7 +326,8 @@ def test_a_feature_space_ood_threshold_uses_its_scorer():
 
 def test_the_registry_card_holds_the_contract_inference_takes(primary_model):
     """The registry's card, read back from its JSON, gives the contract inference runs on."""
-    from hema_pipeline.modeling.calibration import REFER_ALL, OodThreshold, ReferralPolicy
+    from hema_pipeline.modeling.calibration import REFER_ALL, ReferralPolicy
+    from hema_pipeline.modeling.ood import OodThreshold
     from hema_pipeline.modeling.registry import ModelCard as RegistryCard
 
     policy = ReferralPolicy(

@@ -8,30 +8,24 @@ import numpy as np
 import pytest
 
 from hema_pipeline.modeling.calibration import (
-    ACCEPTED,
-    LOW_CONFIDENCE,
     REFER_ALL,
-    UNFAMILIAR,
-    MahalanobisScorer,
     ReferralPolicy,
     accuracy_lower_bound,
     calibration_errors,
     calibration_errors_from_confidence,
     calibration_report,
     cells_needed_to_certify,
-    energy_score,
     evaluate_referral,
-    fit_ood_threshold,
     fit_referral_policy,
     fit_temperature,
-    leave_one_class_out_report,
     logsumexp,
     negative_log_likelihood,
     referral_threshold_candidates,
     reliability_diagram_png,
     softmax,
-    triage_cells,
 )
+from hema_pipeline.modeling.contract import ACCEPTED, LOW_CONFIDENCE, UNFAMILIAR, triage_cells
+from hema_pipeline.modeling.ood import MahalanobisScorer, energy_score, fit_ood_threshold, leave_one_class_out_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

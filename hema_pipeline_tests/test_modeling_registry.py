@@ -13,17 +13,15 @@ import numpy as np
 import pytest
 
 from hema_pipeline.modeling.calibration import (
-    MahalanobisScorer,
     calibration_report,
-    energy_score,
     evaluate_referral,
-    fit_ood_threshold,
     fit_referral_policy,
     referral_threshold_candidates,
     softmax,
 )
 from hema_pipeline.modeling.evaluation import evaluate_logits
 from hema_pipeline.modeling.networks import compact
+from hema_pipeline.modeling.ood import MahalanobisScorer, energy_score, fit_ood_threshold
 from hema_pipeline.modeling.promotion import (
     PromotionPolicy,
     SplitMetrics,

@@ -17,11 +17,8 @@ import tensorflow as tf
 from PIL import Image
 
 from hema_pipeline.modeling.calibration import (
-    MahalanobisScorer,
     calibration_report,
-    energy_score,
     evaluate_referral,
-    fit_ood_threshold,
     fit_referral_policy,
     fit_temperature,
     referral_threshold_candidates,
@@ -43,6 +40,7 @@ from hema_pipeline.modeling.networks import (
     predict_outputs,
     standard,
 )
+from hema_pipeline.modeling.ood import MahalanobisScorer, energy_score, fit_ood_threshold
 from hema_pipeline.modeling.promotion import decide_promotion, load_champion
 from hema_pipeline.modeling.registry import (
     MAHALANOBIS_ATTACHMENT,

@@ -27,8 +27,8 @@ from hema_pipeline.inference.routing import (
     cells_to_route,
     validate_routes,
 )
-from hema_pipeline.modeling.calibration import ACCEPTED, softmax
-from hema_pipeline.modeling.contract import ModelContract
+from hema_pipeline.modeling.calibration import softmax
+from hema_pipeline.modeling.contract import ACCEPTED, ModelContract
 from hema_pipeline.modeling.networks import dihedral_views, mean_over_views
 
 DEFAULT_BATCH_SIZE = 64
@@ -52,7 +52,7 @@ def model_pixel_range(model: keras.Model) -> float | None:
 
 
 class FeatureOodScorer(Protocol):
-    """A feature-space OOD score, higher is less familiar (``modeling.calibration.MahalanobisScorer``)."""
+    """A feature-space OOD score, higher is less familiar (``modeling.ood.MahalanobisScorer``)."""
 
     def score(self, features: np.ndarray) -> np.ndarray: ...
 

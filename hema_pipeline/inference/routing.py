@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from hema_pipeline.modeling.calibration import LOW_CONFIDENCE, UNFAMILIAR
-from hema_pipeline.modeling.contract import ModelContract
+from hema_pipeline.modeling.contract import LOW_CONFIDENCE, UNFAMILIAR, ModelContract
 from hema_pipeline.taxonomy import LYMPHOCYTE, NEUTROPHIL
 
-# Referral reasons (``calibration.triage_cells``), in order of precedence: an unfamiliar cell's confidence
+# Referral reasons (``contract.triage_cells``), in order of precedence: an unfamiliar cell's confidence
 # means little, so a cell that is both is reported as unfamiliar.
 REFERRAL_REASONS: tuple[str, ...] = (UNFAMILIAR, LOW_CONFIDENCE)
 

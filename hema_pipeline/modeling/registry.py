@@ -36,14 +36,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from hema_pipeline.modeling.calibration import (
-    CalibrationReport,
-    OodThreshold,
-    ReferralOutcome,
-    ReferralPolicy,
-)
+from hema_pipeline.modeling.calibration import CalibrationReport, ReferralOutcome, ReferralPolicy
 from hema_pipeline.modeling.contract import ModelContract
 from hema_pipeline.modeling.evaluation import PER_CLASS_COLUMNS, EvaluationReport
+from hema_pipeline.modeling.ood import OodThreshold
 from hema_pipeline.storage.object_store import ObjectStore
 from hema_pipeline.storage.warehouse import Warehouse, replace_rows
 

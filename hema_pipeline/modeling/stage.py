@@ -26,14 +26,11 @@ from hema_pipeline.modeling.calibration import (
     DEFAULT_REFERRAL_CONFIDENCE,
     DEFAULT_REFERRAL_TARGET,
     CalibrationReport,
-    OodThreshold,
     ReferralOutcome,
     ReferralPolicy,
     TemperatureFit,
     calibration_report,
-    energy_score,
     evaluate_referral,
-    fit_ood_threshold,
     fit_referral_policy,
     fit_temperature,
     referral_threshold_candidates,
@@ -42,6 +39,7 @@ from hema_pipeline.modeling.calibration import (
 )
 from hema_pipeline.modeling.contract import check_test_time_views
 from hema_pipeline.modeling.evaluation import EvaluationReport, confusion_matrix_png, evaluate_logits
+from hema_pipeline.modeling.ood import OodThreshold, energy_score, fit_ood_threshold
 from hema_pipeline.modeling.promotion import PromotionDecision, PromotionPolicy, SplitMetrics, current_champion, decide_promotion
 from hema_pipeline.modeling.registry import (
     ModelCard,
