@@ -3,16 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+
+# TensorFlow's C++ start-up notices on a machine without a GPU: printed before its logging is configured,
+# so TF_CPP_MIN_LOG_LEVEL cannot silence them, and nothing in them is for a lab user to act on.
+_TENSORFLOW_STARTUP_NOTICE = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub\.cc|failed call to cuInit|cpu_feature_guard\.cc"
+    r"|This TensorFlow binary is optimized|To enable the following instructions"
+)
+
+
+@contextlib.contextmanager
+def _tensorflow_startup_notices_filtered() -> Iterator[None]:
+    """Runs the block with the process's stderr captured, then writes back every line but the notices
+    above: an error TensorFlow reports while starting still reaches the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line.strip() and not _TENSORFLOW_STARTUP_NOTICE.search(line):
+                    print(line, file=sys.stderr)
+
+
+def start_tensorflow_quietly() -> None:
+    """Import TensorFlow and look for a GPU (when it reports on CUDA) with the start-up notices filtered."""
+    with _tensorflow_startup_notices_filtered():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from hema_pipeline.demo import run_demo
 
+    start_tensorflow_quietly()
     return run_demo(use_pbc=args.pbc, smears=args.smears, cells_per_smear=args.cells, seed=args.seed)
 
 
@@ -236,6 +276,7 @@ def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehou
 
 
 def _classify(args: argparse.Namespace) -> int:
+    start_tensorflow_quietly()
     from hema_pipeline import settings
     from hema_pipeline.inference.classify import classify_files, collect_image_files
     from hema_pipeline.inference.predict import CellClassifier
