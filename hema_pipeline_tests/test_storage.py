@@ -93,3 +93,27 @@ def test_import_from_an_s3_inbox_into_an_s3_lake(pipeline_env, dagster_instance,
     assert any(info.key.endswith("cells.parquet") for info in lake.list("tables"))
     quarantine = open_object_store(f"s3://{bucket}/quarantine", endpoint_url=s3_endpoint)
     assert quarantine.get_bytes(kept[0][0]) == b"\xff\xd8 broken"
+
+
+def test_a_folder_that_cannot_be_reached_is_an_error_not_an_empty_listing(tmp_path, monkeypatch):
+    """An inbox whose parent lacks search permission (a container's user, a mount's mode) must not look
+    empty: the sensor would import nothing and say nothing. A missing prefix is simply empty."""
+    import hema_pipeline.storage.object_store as object_store
+
+    store = LocalObjectStore(tmp_path / "inbox")
+    (tmp_path / "inbox" / "H26-000001").mkdir(parents=True)
+    (tmp_path / "inbox" / "H26-000001" / "smear.json").write_text("{}")
+    assert [info.key for info in store.list()] == ["H26-000001/smear.json"]
+    assert list(store.list("H26-999999")) == []
+
+    real_lstat = object_store.os.lstat
+
+    def unreachable(path, *args, **kwargs):
+        if str(path) == str(tmp_path / "inbox"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(object_store.os, "lstat", unreachable)
+    with pytest.raises(PermissionError) as raised:
+        list(store.list())
+    assert str(tmp_path) not in str(raised.value) and raised.value.__cause__ is None

@@ -137,8 +137,12 @@ class LocalObjectStore:
         try:
             if not stat.S_ISDIR(os.lstat(base).st_mode):
                 return
-        except OSError:
-            return
+        except (FileNotFoundError, NotADirectoryError):
+            return  # nothing stored under this prefix
+        except OSError as error:
+            # A folder this process cannot reach (a parent without search permission) is not an empty
+            # one: an inbox that looks empty would silently import nothing. No path in the message.
+            raise PermissionError(error.errno, "the folder cannot be reached") from None
         start = base.relative_to(self.root).as_posix()
         start = "" if start == "." else start
         entries = sorted(_walk(base, start), key=lambda info: info.key)
