@@ -39,7 +39,7 @@ format: $(BIN)/hema
 # The fast loop while working: the gates and every test not marked slow or shared_data (nothing that trains a network,
 # starts a server or reads the real images).
 check: lint
-	$(BIN)/python -m pytest -q -m "not slow and not shared_data" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -n auto -m "not slow and not shared_data" -p no:cacheprovider
 
 ui: $(BIN)/hema
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
