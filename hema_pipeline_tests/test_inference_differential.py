@@ -8,21 +8,18 @@ import math
 import pandas as pd
 import pytest
 
+from hema_pipeline.inference.agreement import analyser_agreement
 from hema_pipeline.inference.differential import (
     NON_LEUKOCYTE_CLASSES,
-    FlagCode,
-    FlagSettings,
     RangeMark,
     ReferenceRange,
     ReferenceRanges,
-    analyser_agreement,
     clopper_pearson,
     compute_differential,
-    dysplastic_neutrophil_share,
     per_hundred_interval,
     range_mark,
-    smear_flags,
 )
+from hema_pipeline.inference.flags import FlagCode, FlagSettings, dysplastic_neutrophil_share, smear_flags
 from hema_pipeline.inference.smear_thresholds import fit_smear_threshold
 
 EIGHT_CLASSES = (

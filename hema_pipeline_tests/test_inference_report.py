@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import pandas as pd
 import pytest
 
-from hema_pipeline.inference.differential import FlagCode, FlagSettings, clopper_pearson
+from hema_pipeline.inference.differential import clopper_pearson
+from hema_pipeline.inference.flags import FlagCode, FlagSettings
 from hema_pipeline.inference.report import ReportSettings, build_smear_report
 from hema_pipeline.inference.routing import thesis_routes
 from hema_pipeline_tests.support import model_contract

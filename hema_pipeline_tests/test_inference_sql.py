@@ -13,7 +13,7 @@ import pandas as pd
 import psycopg2
 import pytest
 
-from hema_pipeline.inference.differential import FlagSettings
+from hema_pipeline.inference.flags import FlagSettings
 from hema_pipeline.inference.records import (
     load_analyser_classes,
     load_smear_predictions,

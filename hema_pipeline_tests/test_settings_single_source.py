@@ -12,7 +12,7 @@ from hema_pipeline.defs.datasets import DatasetBuildConfig
 from hema_pipeline.defs.models import CalibrationConfig, PromotionConfig, TrainingRunConfig
 from hema_pipeline.defs.predictions import FlagThresholdsConfig
 from hema_pipeline.defs.quality import CellTableCheckConfig
-from hema_pipeline.inference.differential import FlagSettings
+from hema_pipeline.inference.flags import FlagSettings
 from hema_pipeline.modeling.promotion import PromotionPolicy
 from hema_pipeline.modeling.stage import CalibrationSettings, TrainingSettings
 from hema_pipeline.monitoring.retraining import RetrainingPolicy

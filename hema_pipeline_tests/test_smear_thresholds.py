@@ -12,7 +12,7 @@ import pytest
 from hema_pipeline.cli import main
 from hema_pipeline.defs.predictions import FlagThresholdsConfig, smear_flag_thresholds
 from hema_pipeline.defs.resources import WarehouseResource
-from hema_pipeline.inference.differential import FlagSettings
+from hema_pipeline.inference.flags import FlagSettings
 from hema_pipeline.inference.records import prediction_records, write_predictions
 from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline_tests.test_inference_sql import DYSPLASIA_CLASSES, insert_model, insert_smear, stage

@@ -13,7 +13,7 @@ from hema_pipeline import settings
 from hema_pipeline.defs.ingest import DUCKDB_WRITER_POOL, imported_smear, smear_partitions
 from hema_pipeline.defs.kubernetes import PREDICTION_RUN_POD, k8s_tags
 from hema_pipeline.defs.resources import StorageResource, WarehouseResource
-from hema_pipeline.inference.differential import FlagSettings
+from hema_pipeline.inference.flags import FlagSettings
 
 PRIMARY_TASK = "pbc8"
 NEUTROPHIL_DYSPLASIA_TASK = "neutrophil_dysplasia"
@@ -41,7 +41,7 @@ _FLAG_DEFAULTS = FlagSettings()
 
 
 class FlagThresholdsConfig(dg.Config):
-    """Every field of ``inference.differential.FlagSettings``, with its defaults (one source: a test
+    """Every field of ``inference.flags.FlagSettings``, with its defaults (one source: a test
     checks that the two agree)."""
 
     # None: the newest `hema thresholds fit` on the lab's labelled smears, else the thesis's 0.123.

@@ -20,21 +20,17 @@ from typing import Any
 import pandas as pd
 
 from hema_pipeline.anonymise.pseudonymise import PSEUDONYM_HEX_CHARS
+from hema_pipeline.inference.agreement import AnalyserAgreement, analyser_agreement
 from hema_pipeline.inference.differential import (
     DEFAULT_CONFIDENCE_LEVEL,
     NON_LEUKOCYTE_CLASSES,
-    AnalyserAgreement,
     Differential,
     DifferentialRow,
-    Flag,
-    FlagSettings,
     RangeMark,
     ReferenceRanges,
-    analyser_agreement,
     compute_differential,
-    dysplastic_neutrophil_share,
-    smear_flags,
 )
+from hema_pipeline.inference.flags import Flag, FlagSettings, dysplastic_neutrophil_share, smear_flags
 from hema_pipeline.inference.routing import REFERRAL_REASONS, Route, merge_cell_results, stage_order, validate_routes
 from hema_pipeline.modeling.contract import ModelContract
 
