@@ -22,9 +22,9 @@ from hema_pipeline.quality.cell_suite import (
     SCHEMA,
     UNIQUE_IDENTITY,
     CellTableRules,
-    _gx_runtime,
     validate_cell_table,
 )
+from hema_pipeline.quality.gx_runtime import gx_runtime
 from hema_pipeline.storage.warehouse import Warehouse, replace_rows
 from hema_pipeline.taxonomy import CELL_CLASSES
 
@@ -241,8 +241,8 @@ def test_groups_can_run_alone_and_unknown_groups_are_refused():
 
 def test_the_gx_context_is_reused_and_left_clean():
     validate_cell_table(clean_cells(), RULES)
-    runtime = _gx_runtime()
+    runtime = gx_runtime()
     validate_cell_table(clean_cells(), RULES)
-    assert _gx_runtime() is runtime
+    assert gx_runtime() is runtime
     assert runtime.context.suites.all() == []
     assert runtime.context.validation_definitions.all() == []

@@ -18,17 +18,13 @@ Nothing a check reports may itself leak: examples from the identifier group are 
 in the frame validated), never values, and examples from other groups that look identifying are replaced
 by ``<redacted>``.
 
-GX is imported lazily (it takes seconds) and its ephemeral context is built once per process and reused.
+GX is imported lazily (it takes seconds); running expectations on a frame is ``quality.gx_runtime``'s job.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import re
-import threading
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -37,10 +33,9 @@ import pandas as pd
 from hema_pipeline import settings, taxonomy
 from hema_pipeline.anonymise.pseudonymise import PSEUDONYM_HEX_CHARS
 from hema_pipeline.datasets.tasks import TASKS, get_task
+from hema_pipeline.quality.gx_runtime import exception_messages, gx_runtime, run_expectations
 
 if TYPE_CHECKING:
-    from great_expectations.core.batch_definition import BatchDefinition
-    from great_expectations.data_context import AbstractDataContext
     from great_expectations.expectations import Expectation
 
 SCHEMA: Final = "schema"
@@ -255,35 +250,6 @@ class CheckGroupResult:
         return "\n".join(lines)
 
 
-# --- GX runtime: one ephemeral context per process -------------------------------------------------------
-
-_GX_LOCK = threading.Lock()  # a GX context is not thread-safe; validations here are short
-
-
-@dataclass(frozen=True)
-class _GxRuntime:
-    context: AbstractDataContext
-    batch_definition: BatchDefinition
-
-
-@functools.lru_cache(maxsize=1)
-def _gx_runtime() -> _GxRuntime:
-    # no usage telemetry leaves a clinical deployment (GX reads this when first imported)
-    os.environ["GX_ANALYTICS_ENABLED"] = "false"
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    # progress bars would print a line per validation into every run log
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_definition = (
-        context.data_sources.add_pandas("hema_frames")
-        .add_dataframe_asset("frame")
-        .add_batch_definition_whole_dataframe("whole_frame")
-    )
-    return _GxRuntime(context=context, batch_definition=batch_definition)
-
-
 # How a check shows unexpected examples: the values themselves; row positions only (identifier checks,
 # whose values must not be repeated); the original column names; or "class: count" from the count frame.
 ExampleSource = Literal["values", "rows", "column_names", "class_counts"]
@@ -300,43 +266,7 @@ class _Planned:
 
 def _run_suite(frame: pd.DataFrame, planned: Sequence[_Planned], max_examples: int) -> list[Any]:
     """GX validation results, in the order of ``planned``."""
-    import great_expectations as gx
-
-    runtime = _gx_runtime()
-    name = f"hema-{uuid.uuid4().hex}"
-    expectations = []
-    for position, item in enumerate(planned):
-        item.expectation.meta = {"position": position}
-        expectations.append(item.expectation)
-    with _GX_LOCK:
-        suite = runtime.context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
-        definition = runtime.context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=runtime.batch_definition, suite=suite)
-        )
-        try:
-            result = definition.run(
-                batch_parameters={"dataframe": frame},
-                result_format={"result_format": "SUMMARY", "partial_unexpected_count": max(max_examples, 1)},
-            )
-        finally:
-            runtime.context.validation_definitions.delete(name)
-            runtime.context.suites.delete(name)
-    return sorted(result.results, key=lambda item: item.expectation_config.meta["position"])
-
-
-def _exception_messages(exception_info: Mapping[str, Any] | None) -> list[str]:
-    """GX reports errors either flat or per metric; collect the messages from both shapes."""
-    if not exception_info:
-        return []
-    if "raised_exception" in exception_info:
-        entries: Iterable[Any] = [exception_info]
-    else:
-        entries = exception_info.values()
-    return [
-        str(entry.get("exception_message"))
-        for entry in entries
-        if isinstance(entry, Mapping) and entry.get("raised_exception") and entry.get("exception_message")
-    ]
+    return run_expectations(frame, [item.expectation for item in planned], max_examples)
 
 
 def _display_value(value: Any) -> str:
@@ -346,7 +276,7 @@ def _display_value(value: Any) -> str:
 
 def _outcome(item: _Planned, result: Any, frame: pd.DataFrame, max_examples: int) -> ExpectationOutcome:
     details = result.result or {}
-    errors = _exception_messages(result.exception_info)
+    errors = exception_messages(result.exception_info)
     count = details.get("unexpected_count")
     if item.examples == "rows":
         examples = [f"row {index}" for index in details.get("partial_unexpected_index_list") or []]
@@ -507,7 +437,7 @@ def validate_cell_table(
     if unknown:
         raise ValueError(f"unknown check groups {unknown}; known: {list(CHECK_GROUPS)}")
 
-    _gx_runtime()  # before any GX import below: it configures GX (telemetry off) and builds the context once
+    gx_runtime()  # before any GX import below: it configures GX (telemetry off) and builds the context once
     frame = _gx_frame(cells)
     outcomes: dict[str, list[ExpectationOutcome]] = {name: [] for name in CHECK_GROUPS if name in wanted}
 
