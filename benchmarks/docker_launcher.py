@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -279,6 +280,8 @@ def main() -> int:
                 runs = [run for run in instance.get_runs() if run.tags.get(DOCKER_CONTAINER_ID_TAG)]
                 records = {record.dagster_run.run_id: record for record in instance.get_run_records()}
             container_ids = set(_docker("ps", "-aq", "--no-trunc", "--filter", f"label=hema-bench={label}").split())
+            if not runs:
+                raise RuntimeError("no run was launched in a container: see the daemon log")
             start_overheads, durations = [], []
             for run in runs:
                 created = _parse_docker_time(_docker("inspect", "-f", "{{.Created}}", run.tags[DOCKER_CONTAINER_ID_TAG]))
@@ -299,9 +302,9 @@ def main() -> int:
                     "one_container_per_run": len(container_ids) == len(runs)
                     and {run.tags[DOCKER_CONTAINER_ID_TAG] for run in runs} == container_ids,
                     "images_used": sorted({run.tags.get(DOCKER_IMAGE_TAG, "") for run in runs}),
-                    "container_created_to_run_start_seconds_median": statistics.median(start_overheads),
-                    "container_created_to_run_start_seconds_max": max(start_overheads),
-                    "run_seconds_median": statistics.median(durations),
+                    "container_created_to_run_start_seconds_median": statistics.median(start_overheads or [math.nan]),
+                    "container_created_to_run_start_seconds_max": max(start_overheads or [math.nan]),
+                    "run_seconds_median": statistics.median(durations or [math.nan]),
                     "latency_seconds": latencies,
                     "latency_median_seconds": statistics.median(latencies),
                     "latency_p95_seconds": _percentile(latencies, 0.95),
@@ -310,7 +313,10 @@ def main() -> int:
     finally:
         if daemon is not None:
             os.killpg(daemon.pid, 15)
-            daemon.wait(timeout=60)
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, 9)
             shutil.copyfile(work / "daemon.log", args.out.with_suffix(".daemon.log"))
         leftover = _docker("ps", "-aq", "--filter", f"label=hema-bench={label}").split()
         for container in [*code_servers, *leftover]:

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import sys
-import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,22 +23,30 @@ _TENSORFLOW_STARTUP_NOTICE = re.compile(
 
 @contextlib.contextmanager
 def _tensorflow_startup_notices_filtered() -> Iterator[None]:
-    """Runs the block with the process's stderr captured, then writes back every line but the notices
-    above: an error TensorFlow reports while starting still reaches the terminal."""
+    """Runs the block with the process's stderr passed through a filter, line by line as it is written,
+    that drops the notices above: everything else (an error TensorFlow reports, a fatal message before an
+    abort) reaches the terminal as it happens."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines():
-                if line.strip() and not _TENSORFLOW_STARTUP_NOTICE.search(line):
-                    print(line, file=sys.stderr)
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def relay() -> None:
+        with os.fdopen(read_end, "rb") as source:
+            for line in source:
+                if not _TENSORFLOW_STARTUP_NOTICE.search(line.decode(errors="replace")):
+                    os.write(terminal, line)
+
+    relaying = threading.Thread(target=relay, name="stderr-filter", daemon=True)
+    relaying.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # the pipe's last writer closes: the relay reads to its end and stops
+        relaying.join(timeout=5)
+        os.close(terminal)
 
 
 def start_tensorflow_quietly() -> None:
@@ -113,6 +121,7 @@ def _query(args: argparse.Namespace) -> int:
 MODEL_LIST_COLUMNS = (
     "task",
     "model_version",
+    "champion",
     "status",
     "architecture",
     "input_size",
@@ -180,7 +189,13 @@ def _models(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             with warehouse.connect_existing() as connection:
-                models = connection.execute("select * from models order by task, created_at").df()
+                # `champion` comes from the promotion log (model_champions), the one definition of it; `status`
+                # is each model's last recorded decision.
+                models = connection.execute(
+                    "select m.*, c.model_version is not null as champion from models m "
+                    "left join model_champions c on c.model_version = m.model_version and c.task = m.task "
+                    "order by m.task, m.created_at"
+                ).df()
             if args.task:
                 models = models[models["task"] == args.task]
             shown = models[[column for column in MODEL_LIST_COLUMNS if column in models.columns]]
@@ -230,7 +245,12 @@ def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehou
     from hema_pipeline.storage.object_store import open_object_store
 
     with warehouse.connect_existing() as connection:
-        rows = connection.execute("select card_key, status from models where model_version = ?", [model_version]).fetchall()
+        rows = connection.execute(
+            "select m.card_key, case when c.model_version is null then m.status else 'champion' end from models m "
+            "left join model_champions c on c.model_version = m.model_version and c.task = m.task "
+            "where m.model_version = ?",
+            [model_version],
+        ).fetchall()
         if not rows:
             raise LookupError(f"no model {model_version!r} is registered")
         [(card_key, status)] = rows
@@ -276,6 +296,9 @@ def _show_model(warehouse, model_version: str, as_json: bool) -> int:  # warehou
 
 
 def _classify(args: argparse.Namespace) -> int:
+    if not args.file and not args.directory:
+        print("hema classify: give -f FILE or -d DIRECTORY", file=sys.stderr)
+        return 2
     start_tensorflow_quietly()
     from hema_pipeline import settings
     from hema_pipeline.inference.classify import classify_files, collect_image_files
@@ -285,9 +308,6 @@ def _classify(args: argparse.Namespace) -> int:
     from hema_pipeline.storage.object_store import open_object_store
     from hema_pipeline.storage.warehouse import Warehouse
 
-    if not args.file and not args.directory:
-        print("hema classify: give -f FILE or -d DIRECTORY", file=sys.stderr)
-        return 2
     paths = collect_image_files(args.file or (), args.directory or (), recursive=args.recursive)
     if not paths:
         print("hema classify: no image files found", file=sys.stderr)

@@ -366,3 +366,15 @@ def test_the_registry_card_holds_the_contract_inference_takes(primary_model):
     recorded = registry_card.contract().decision_settings()
     assert recorded["class_thresholds"] == {"neutrophil": 0.9, "lymphocyte": None, "monocyte": 0.5}
     assert (recorded["ood_method"], recorded["ood_threshold"], recorded["model_version"]) == ("energy", -1.0, "pbc-0123456789ab")
+
+
+def test_the_prediction_frame_refers_what_it_cannot_judge_and_scores_ood_only_against_a_threshold():
+    from hema_pipeline.inference.predict import prediction_frame
+
+    logits = np.array([[4.0, 0.0, 0.0], [np.nan, 0.0, 0.0]])
+    without_ood = card("pbc", PRIMARY, thresholds={name: 0.5 for name in PRIMARY})
+    frame = prediction_frame(logits, without_ood, ["a", "b"], ood_scores=np.array([1.0, 2.0]))
+    assert frame["ood_score"].isna().all()  # no threshold: no score, whatever the caller computed
+    # A cell whose logits are not numbers cannot reach any threshold: referred, never accepted.
+    assert frame["accepted"].tolist() == [True, False]
+    assert frame["referral_reason"].tolist() == [None, "low_confidence"]

@@ -281,6 +281,23 @@ def test_the_promotion_log_alone_decides_which_predictions_count(warehouse):
     assert counted_on_a() == [("pbc-v1",)]
 
 
+@pytest.mark.parametrize("backend", ["duckdb", "postgres"])
+def test_current_champions_reads_the_promotion_log_on_both_backends(backend, request, tmp_path):
+    from hema_pipeline.modeling.promotion import current_champion, current_champions
+
+    location = request.getfixturevalue("postgres_database") if backend == "postgres" else tmp_path / "warehouse.duckdb"
+    warehouse = Warehouse(location)
+    with warehouse.connect() as connection:
+        record_promotion(connection, "pbc-v1", "pbc")
+        record_promotion(connection, "pbc-v2", "pbc", previous="pbc-v1")
+        record_promotion(connection, "dys-v1", "dysplasia")
+        record_promotion(connection, "pbc-v1", "pbc", action="rolled_back", previous="pbc-v2")
+        record_promotion(connection, "dys-v2", "dysplasia", action="refused", previous="dys-v1")
+    assert current_champions(warehouse, ["pbc", "dysplasia", "wbc"]) == {"pbc": "pbc-v1", "dysplasia": "dys-v1", "wbc": None}
+    assert current_champion(warehouse, "pbc") == "pbc-v1"
+    assert current_champions(warehouse, []) == {}
+
+
 def test_referral_queue_lists_unverified_referred_cells_with_their_images(warehouse):
     queue = rows(
         warehouse,

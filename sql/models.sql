@@ -86,7 +86,7 @@ create table if not exists model_promotions (
 create unique index if not exists model_promotions_task_sequence on model_promotions (task, sequence);
 
 -- The current champion of each task: the model named by the task's latest champion-changing event. The
--- one definition of "champion": current_predictions, the registry (registry.current_champions) and the
+-- one definition of "champion": current_predictions, promotion.current_champions and the
 -- CLI all read it.
 create or replace view model_champions as
     select task, model_version, action as became_champion_by, decided_at

@@ -170,7 +170,9 @@ def prediction_frame(
     class_names = list(contract.class_names)
     probabilities = calibrated_probabilities(logits, contract.temperature)
     energy = contract.energy(logits)
-    if contract.ood_threshold is not None and ood_scores is None:
+    if contract.ood_threshold is None:
+        ood_scores = None  # no threshold, no score: the column is NaN whatever a caller computed
+    elif ood_scores is None and contract.ood_method == "energy":
         ood_scores = energy
     triage = contract.triage(logits, ood_scores)
     decisions = triage.decisions

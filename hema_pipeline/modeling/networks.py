@@ -454,11 +454,11 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     )
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)
 def _compiled_outputs(model: keras.Model, test_time_views: int) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """The traced forward pass of ``predict_outputs``, one per model and view count: evaluating a model on
-    several splits traces it once, not once per call (which TensorFlow warns about). The cache keeps the
-    last few models alive until they are evicted."""
+    """The traced forward pass of ``predict_outputs`` for the model last evaluated: evaluating one model on
+    several splits traces it once, not once per call (which TensorFlow warns about). One entry, so the
+    cache keeps at most one model alive beyond its use (the traced function holds it)."""
     extractor = feature_extractor(model)
 
     # No Python control flow inside, so no AutoGraph (which fails on this closure with a warning).

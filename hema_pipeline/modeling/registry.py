@@ -1,4 +1,4 @@
-"""The model registry: content-addressed artefacts, model cards, and a recorded promotion gate.
+"""The model registry: content-addressed artefacts and model cards, registered and loaded.
 
 Storage (any ``ObjectStore``, local or S3)::
 
@@ -13,10 +13,8 @@ must not overwrite the other's card. ``model_version`` is ``<task>-<12 hex>`` of
 content (which includes the artefact's hash), excluding only its creation time: registering the same
 package twice is idempotent.
 
-DuckDB (``sql/models.sql``) indexes the models, their per-class test metrics and every promotion
-decision. A challenger replaces the champion only if it beats it on the *same* test split by the
-policy's margins and passes its checks; ``rollback`` restores the previous champion. The current
-champion is derived from the decision log, never from "the latest file in a folder".
+The warehouse (``sql/models.sql``) indexes the models and their per-class test metrics. Which model
+serves a task (the promotion gate, rollback, the champion) is ``modeling.promotion``.
 """
 
 from __future__ import annotations

@@ -140,9 +140,11 @@ class LocalObjectStore:
         except (FileNotFoundError, NotADirectoryError):
             return  # nothing stored under this prefix
         except OSError as error:
-            # A folder this process cannot reach (a parent without search permission) is not an empty
-            # one: an inbox that looks empty would silently import nothing. No path in the message.
-            raise PermissionError(error.errno, "the folder cannot be reached") from None
+            # A folder this process cannot reach (a parent without search permission, an I/O error) is not
+            # an empty one: an inbox that looks empty would silently import nothing. No path in the message.
+            if error.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionError(error.errno, "the folder cannot be reached") from None
+            raise OSError(error.errno, f"the folder cannot be reached: {error.strerror}") from None
         start = base.relative_to(self.root).as_posix()
         start = "" if start == "." else start
         entries = sorted(_walk(base, start), key=lambda info: info.key)
