@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,13 @@ def test_demo_runs_the_whole_chain_from_nothing(tmp_path: Path) -> None:
     assert "smears imported : 12" in output  # the default export
     assert "failed runs     : 0" in output
     assert "hema query" in output  # how to see the rest
+    # Nothing a newcomer cannot act on: no Python warnings, no TensorFlow start-up chatter.
+    noise = [
+        line
+        for line in (completed.stdout + completed.stderr).splitlines()
+        if re.search(r"Warning\b|absl::InitializeLog|cudart_stub|cuInit|cpu_feature_guard|retracing", line)
+    ]
+    assert not noise, noise[:5]
     warehouse = Warehouse(home / "warehouse.duckdb")
     smears = warehouse.query("select count(*) as n from smears").n[0]
     reported = warehouse.query("select count(distinct smear_id) as n from smear_reports").n[0]
