@@ -20,6 +20,7 @@ from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline_tests.support import TEST_KEY
 
 PROCESSES = 6
+WORKER_DEADLINE_SECONDS = 300  # the workers take about 20 s here; generous for a loaded 2-core CI machine
 SMEARS = 4
 CELLS_PER_SMEAR = 15
 
@@ -46,11 +47,12 @@ def test_concurrent_imports_of_the_same_and_different_smears_lose_and_duplicate_
     broken = sorted((tmp_path / "inbox").glob(f"{broken_smear.accession}/*.jpg"))[0]
     broken.write_bytes(b"not a jpeg at all")
 
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(PROCESSES) as pool:
-        outcomes = pool.starmap(
+    # A deadline, not a wait without end: a worker lost mid-task (a pool never hands its task to another)
+    # or an import stuck on a lock fails the test within minutes, and leaving the block terminates the pool.
+    with multiprocessing.get_context("spawn").Pool(PROCESSES) as pool:
+        outcomes = pool.starmap_async(
             _import_everything_in_some_order, [(postgres_database, str(tmp_path), seed) for seed in range(PROCESSES)]
-        )
+        ).get(timeout=WORKER_DEADLINE_SECONDS)
 
     warehouse = Warehouse(postgres_database)
     reports = [report for worker in outcomes for report in worker]
