@@ -108,22 +108,20 @@ def test_a_folder_that_cannot_be_reached_is_an_error_not_an_empty_listing(tmp_pa
 
     real_lstat = object_store.os.lstat
 
-    def unreachable(path, *args, **kwargs):
-        if str(path) == str(tmp_path / "inbox"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_lstat(path, *args, **kwargs)
+    def failing_with(error_number: int, message: str):
+        def failing(path, *args, **kwargs):
+            if str(path) == str(tmp_path / "inbox"):
+                raise OSError(error_number, message, str(path))
+            return real_lstat(path, *args, **kwargs)
 
-    monkeypatch.setattr(object_store.os, "lstat", unreachable)
+        return failing
+
+    monkeypatch.setattr(object_store.os, "lstat", failing_with(13, "Permission denied"))
     with pytest.raises(PermissionError) as raised:
         list(store.list())
     assert str(tmp_path) not in str(raised.value) and raised.value.__cause__ is None
 
-    def failing_disk(path, *args, **kwargs):
-        if str(path) == str(tmp_path / "inbox"):
-            raise OSError(5, "Input/output error", str(path))
-        return real_lstat(path, *args, **kwargs)
-
-    monkeypatch.setattr(object_store.os, "lstat", failing_disk)
+    monkeypatch.setattr(object_store.os, "lstat", failing_with(5, "Input/output error"))
     with pytest.raises(OSError) as raised:
         list(store.list())
     assert not isinstance(raised.value, PermissionError) and raised.value.errno == 5

@@ -158,17 +158,11 @@ class SplitReader:
     def inputs(self, split: str) -> tuple[list[str], list[int]]:
         return split_inputs(self.manifest, split, self.paths_by_key)
 
-    def evaluation(self, split: str, image_size: int | None = None, crop_fraction: float | None = None) -> tf.data.Dataset:
-        """The split's images with labels, preprocessed as the dataset says (or as a model card says, for a
-        model trained on another dataset version)."""
+    def evaluation(self, split: str) -> tf.data.Dataset:
+        """The split's images with labels, preprocessed as the dataset says."""
         paths, labels = self.inputs(split)
         config = self.dataset.config
-        return evaluation_dataset(
-            paths,
-            labels,
-            image_size=config.image_size if image_size is None else image_size,
-            crop_fraction=config.crop_fraction if crop_fraction is None else crop_fraction,
-        )
+        return evaluation_dataset(paths, labels, image_size=config.image_size, crop_fraction=config.crop_fraction)
 
     def outputs(self, model: keras.Model, split: str, test_time_views: int) -> ModelOutputs:
         """The model's logits and features on the split, averaged over ``test_time_views`` views."""
