@@ -209,6 +209,7 @@ def train_and_calibrate(
     test_time_views: int | None = None,
     ensemble_members: int | None = None,
     learning_rate: float | None = None,
+    frozen_blocks: int | None = None,
 ):
     """``train_for_dataset`` then ``calibrate`` on ``dataset`` (a DatasetHandle), as the model assets run them;
     a setting left as None takes the launchpad's default."""
@@ -225,6 +226,7 @@ def train_and_calibrate(
                 ("early_stopping_patience", patience),
                 ("ensemble_members", ensemble_members),
                 ("learning_rate", learning_rate),
+                ("frozen_blocks", frozen_blocks),
             )
             if value is not None
         },
@@ -321,6 +323,9 @@ def main() -> None:
     )
     parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (TrainingSettings default)")
     parser.add_argument("--epochs", type=int, default=None, help="TrainingSettings default")
+    parser.add_argument(
+        "--frozen-blocks", type=int, default=None, help="pretrained stem and leading blocks kept (TrainingSettings default)"
+    )
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingSettings default)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per class (quick runs)")
     parser.add_argument("--crop-fraction", type=float, default=None, help="centre crop (DatasetBuildConfig default)")
@@ -375,6 +380,7 @@ def main() -> None:
             args.test_time_views,
             args.ensemble_members,
             args.learning_rate,
+            args.frozen_blocks,
         )
         trained, calibrated = trained_model.handle, calibration.handle
         started = time.perf_counter()

@@ -420,3 +420,40 @@ def test_the_default_cache_is_the_lake(pipeline_env):
     assert [path.name for path in cached] == [
         f"{pretrained.VARIANTS['efficientnet_lite0'].sha256}.v{pretrained.CONVERSION_VERSION}.npz"
     ]
+
+
+def test_frozen_leading_blocks_keep_their_imagenet_weights_and_statistics_while_the_rest_trains(pipeline_env, tmp_path):
+    import tensorflow as tf
+
+    from hema_pipeline.modeling.networks import freeze_leading_blocks
+    from hema_pipeline.modeling.training import TrainingConfig, train_model
+
+    arch = replace(architecture_preset("efficientnet_lite0", 64), pixel_range=1.0)
+    initial = build_model(arch, num_classes=2)
+    frozen = pretrained.leading_layer_names("efficientnet_lite0", 5)
+    assert frozen[:2] == ["stem_conv", "stem_bn"] and frozen[-1] == "block04_project_bn"
+    assert not any(name.startswith("block05") for name in frozen)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (32, 64, 64, 3)).astype(np.float32)
+    labels = (images.mean(axis=(1, 2, 3)) > 0.5).astype(np.int32)
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+    config = TrainingConfig(epochs=1, batch_size=16, learning_rate=1e-2, warmup_epochs=1, frozen_blocks=5)
+    result = train_model(arch, config, data, data, ["a", "b"], tmp_path)
+    for name in frozen:  # kernels, and batch-norm moving statistics as well as scales
+        for before, after in zip(initial.get_layer(name).get_weights(), result.model.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(after, before, err_msg=name)
+    changed = [
+        name
+        for name in ("block05_expand_conv", "block05_expand_bn", "top_conv")
+        if not np.array_equal(initial.get_layer(name).get_weights()[0], result.model.get_layer(name).get_weights()[0])
+    ]
+    assert changed == ["block05_expand_conv", "block05_expand_bn", "top_conv"]
+    assert freeze_leading_blocks(build_model(arch, num_classes=2), arch, 0) == 0
+    with pytest.raises(ValueError, match="16 blocks"):
+        freeze_leading_blocks(build_model(arch, num_classes=2), arch, 17)
+    scratch = architecture_preset("efficientnet_lite0", 64)
+    scratch = replace(scratch, pretrained=None)
+    with pytest.raises(ValueError, match="pretrained"):
+        freeze_leading_blocks(build_model(scratch, num_classes=2), scratch, 3)
+    with pytest.raises(ValueError, match="frozen_blocks"):
+        TrainingConfig(frozen_blocks=-1)

@@ -51,6 +51,25 @@ def test_training_and_calibration_configs_are_the_model_stage_settings():
     assert CalibrationConfig(test_time_views=4).settings() == CalibrationSettings(test_time_views=4)
 
 
+def test_unset_training_settings_take_the_architectures_recipe_and_freezing_needs_pretrained_weights():
+    import pytest
+
+    from hema_pipeline.modeling.training import FROM_SCRATCH_RECIPE, PRETRAINED_RECIPE
+
+    arch, config = TrainingSettings().resolve("pbc8", 64)  # pbc8's hint: the pretrained EfficientNet-Lite0
+    assert arch.pretrained is not None
+    assert (config.epochs, config.learning_rate, config.frozen_blocks) == (
+        PRETRAINED_RECIPE.epochs,
+        PRETRAINED_RECIPE.learning_rate,
+        PRETRAINED_RECIPE.frozen_blocks,
+    )
+    assert TrainingSettings(frozen_blocks=0, epochs=3).resolve("pbc8", 64)[1].frozen_blocks == 0
+    _, scratch = TrainingSettings(architecture="compact").resolve("pbc8", 64)
+    assert (scratch.epochs, scratch.frozen_blocks) == (FROM_SCRATCH_RECIPE.epochs, 0)
+    with pytest.raises(ValueError, match="random weights"):
+        TrainingSettings(architecture="compact", frozen_blocks=2).resolve("pbc8", 64)
+
+
 def test_flag_thresholds_config_is_the_domain_flag_settings_but_the_fitted_threshold():
     launchpad, domain = _launchpad_defaults(FlagThresholdsConfig), _domain_defaults(FlagSettings)
     assert launchpad.pop("dysplasia_share_threshold") is None  # resolved at run time: the newest fit, else the domain's

@@ -50,6 +50,7 @@ class TrainingRunConfig(dg.Config):
     gpu_batch_size: int = _TRAINING_DEFAULTS.gpu_batch_size
     learning_rate: float | None = _TRAINING_DEFAULTS.learning_rate
     early_stopping_patience: int | None = _TRAINING_DEFAULTS.early_stopping_patience
+    frozen_blocks: int | None = _TRAINING_DEFAULTS.frozen_blocks
     seed: int = _TRAINING_DEFAULTS.seed
     ensemble_members: int = _TRAINING_DEFAULTS.ensemble_members
 

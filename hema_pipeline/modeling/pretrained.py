@@ -445,6 +445,13 @@ def trunk_layer_names(name: str, prefix: str = "") -> list[str]:
     return [layer for layer, _, _ in _names(prefix, variant(name))]
 
 
+def leading_layer_names(name: str, blocks: int, prefix: str = "") -> list[str]:
+    """The trunk's weight-holding layers up to and including block ``blocks - 1``: the stem and the first
+    ``blocks`` blocks, the part a fine-tuning recipe may keep at its ImageNet weights."""
+    inside = (f"{prefix}stem_", *(f"{prefix}block{index:02d}_" for index in range(blocks)))
+    return [layer for layer in trunk_layer_names(name, prefix) if layer.startswith(inside)]
+
+
 def efficientnet_lite_trunk(x: Any, name: str, prefix: str = "", batch_norm_momentum: float = 0.99) -> Any:
     """The backbone from scaled inputs (``(x - 127) / 128``) to the last spatial map: the head
     convolution's ReLU6 output (1280 channels, 1/32 of the input size). Layers are named

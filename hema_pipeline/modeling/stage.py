@@ -102,6 +102,8 @@ class TrainingSettings:
     gpu_batch_size: int = 256
     learning_rate: float | None = None
     early_stopping_patience: int | None = None
+    # Unset: the recipe's (pretrained: the stem and the first blocks keep their ImageNet weights).
+    frozen_blocks: int | None = None
     seed: int = 20260101
     # >1: a deep ensemble of that many networks, each trained as above with its own weight seed and sample
     # order, stored as one model averaging their logits. Training and prediction cost grow in proportion.
@@ -124,9 +126,12 @@ class TrainingSettings:
             early_stopping_patience=(
                 recipe.early_stopping_patience if self.early_stopping_patience is None else self.early_stopping_patience
             ),
+            frozen_blocks=recipe.frozen_blocks if self.frozen_blocks is None else self.frozen_blocks,
             seed=self.seed,
             augment=False,  # the dataset's configured augmentation runs in the input pipeline
         )
+        if config.frozen_blocks and arch.pretrained is None:
+            raise ValueError(f"frozen_blocks {config.frozen_blocks}: {arch.name} starts from random weights, none to keep")
         return arch, config
 
 
