@@ -17,47 +17,55 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_pbc import PreparedData, machine_description, register  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", type=Path, required=True, help="the folder a train_pbc.py --keep run left")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--test-time-views", type=int, default=None)
-    parser.add_argument("--target-accuracy", type=float, default=None)
-    parser.add_argument("--referral-confidence", type=float, default=None)
-    args = parser.parse_args()
-    work = args.keep.resolve()
+@dataclass(frozen=True)
+class KeptRun:
+    """What a ``train_pbc.py --keep`` folder holds: the dataset, the lake, and the first registered model
+    (the network as trained) with its training handle."""
+
+    dataset: Any
+    lake: Any
+    card: Any
+    trained: Any
+    prepared: PreparedData
+
+
+def load_kept_run(folder: Path) -> KeptRun:
+    work = folder.resolve()
     os.environ["HEMA_HOME"] = str(work / "home")
 
     from hema_pipeline.datasets.tasks import TASKS
     from hema_pipeline.datasets.versioning import DatasetHandle
     from hema_pipeline.modeling.registry import read_card
-    from hema_pipeline.modeling.stage import CalibrationSettings, TrainedModelHandle, calibrate
+    from hema_pipeline.modeling.stage import TrainedModelHandle
     from hema_pipeline.storage.object_store import LocalObjectStore
     from hema_pipeline.storage.warehouse import Warehouse
 
     warehouse = Warehouse(work / "warehouse.duckdb")
-    [dataset_row] = warehouse.query(
-        "select dataset_version, config_json, manifest_key from dataset_versions where task = 'pbc8'"
-    ).itertuples(index=False)
+    [dataset_row] = warehouse.query("select task, dataset_version, config_json, manifest_key from dataset_versions").itertuples(
+        index=False
+    )
+    task = dataset_row.task
     # The first registration of the run is the model as trained_pbc.py registered it.
-    [card_key] = warehouse.query("select card_key from models where task = 'pbc8' order by created_at limit 1").card_key
+    [card_key] = warehouse.query("select card_key from models where task = ? order by created_at limit 1", [task]).card_key
     lake = LocalObjectStore(work / "lake")
     card = read_card(lake, card_key)
     dataset = DatasetHandle(
         dataset_version=dataset_row.dataset_version,
-        task="pbc8",
-        classes=TASKS["pbc8"].classes,
+        task=task,
+        classes=TASKS[task].classes,
         manifest_key=dataset_row.manifest_key,
         config_json=dataset_row.config_json,
     )
     trained = TrainedModelHandle(
-        task="pbc8",
+        task=task,
         dataset_version=dataset.dataset_version,
         model_key=card.artifact_key,
         architecture=card.architecture,
@@ -76,6 +84,21 @@ def main() -> None:
         record=None,
         facts={},
     )
+    return KeptRun(dataset=dataset, lake=lake, card=card, trained=trained, prepared=prepared)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", type=Path, required=True, help="the folder a train_pbc.py --keep run left")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--test-time-views", type=int, default=None)
+    parser.add_argument("--target-accuracy", type=float, default=None)
+    parser.add_argument("--referral-confidence", type=float, default=None)
+    args = parser.parse_args()
+    run = load_kept_run(args.keep)
+    dataset, lake, card, trained, prepared = run.dataset, run.lake, run.card, run.trained, run.prepared
+    from hema_pipeline.modeling.stage import CalibrationSettings, calibrate
+
     overrides = {
         name: value
         for name, value in (
