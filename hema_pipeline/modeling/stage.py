@@ -102,7 +102,8 @@ class TrainingSettings:
     gpu_batch_size: int = 256
     learning_rate: float | None = None
     early_stopping_patience: int | None = None
-    # Unset: the recipe's (pretrained: the stem and the first blocks keep their ImageNet weights).
+    # Pretrained networks: the stem and this many leading blocks keep their ImageNet weights. Unset: the
+    # recipe's (0 in both recipes: every layer trains).
     frozen_blocks: int | None = None
     seed: int = 20260101
     # >1: a deep ensemble of that many networks, each trained as above with its own weight seed and sample
