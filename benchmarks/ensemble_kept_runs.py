@@ -6,9 +6,11 @@ calibrate and register it as the model stage would (``calibrate``, ``evaluate_an
 
 What an ensemble of n independently trained networks would score, without training them again: the runs
 must have used the same dataset version (same split, image size and crop) and the same architecture. The
-ensemble is ``networks.combine_members`` of their trained networks, exactly the model that
-``ensemble_members`` n would store; its training seconds are the members' sum. It is calibrated and
-registered in the first run's folder.
+ensemble is ``networks.combine_members`` of their trained networks, the model that ``ensemble_members`` n
+would store, with one difference: ``ensemble_members`` also gives each member its own training-stream
+order (dataset seed + member), where kept runs of one dataset drew the same order and differ by weight
+seed. Its training seconds are the members' sum; its validation accuracy is measured here, as
+``train_ensemble`` measures it. It is calibrated and registered in the first run's folder.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ def main() -> None:
     if len(versions) != 1:
         parser.error(f"the runs used different datasets: {sorted(versions)}")
 
+    import numpy as np
+
+    from hema_pipeline.datasets.splits import VALIDATION
     from hema_pipeline.modeling.networks import ArchitectureConfig, combine_members, member_architecture
     from hema_pipeline.modeling.registry import model_to_bytes, sha256_hex
-    from hema_pipeline.modeling.stage import CalibrationSettings, calibrate, load_trained
+    from hema_pipeline.modeling.stage import CalibrationSettings, SplitReader, calibrate, load_trained
 
     member_arch = ArchitectureConfig.from_dict(first.trained.architecture)
     for run in runs[1:]:
@@ -55,8 +60,10 @@ def main() -> None:
     key = f"models/{first.dataset.task}/trained/{sha256_hex(model_bytes)}.keras"
     if not first.lake.exists(key):
         first.lake.put_bytes(key, model_bytes)
+    validation = SplitReader(first.dataset, first.lake).outputs(ensemble, VALIDATION, test_time_views=1)
     trained = dataclasses.replace(
         first.trained,
+        best_val_accuracy=float(np.mean(validation.logits.argmax(axis=1) == validation.labels)),
         model_key=key,
         architecture=dataclasses.asdict(arch),
         training_seconds=sum(run.trained.training_seconds for run in runs),

@@ -38,8 +38,10 @@ class KeptRun:
 
 
 def load_kept_run(folder: Path) -> KeptRun:
+    """The run kept in ``folder``. Points ``HEMA_HOME`` (the image cache) at the folder only if it is unset,
+    so a script loading several runs keeps the first one's."""
     work = folder.resolve()
-    os.environ["HEMA_HOME"] = str(work / "home")
+    os.environ.setdefault("HEMA_HOME", str(work / "home"))
 
     from hema_pipeline.datasets.tasks import TASKS
     from hema_pipeline.datasets.versioning import DatasetHandle

@@ -453,7 +453,7 @@ def test_frozen_leading_blocks_keep_their_imagenet_weights_and_statistics_while_
         freeze_leading_blocks(build_model(arch, num_classes=2), arch, 17)
     scratch = architecture_preset("efficientnet_lite0", 64)
     scratch = replace(scratch, pretrained=None)
-    with pytest.raises(ValueError, match="pretrained"):
+    with pytest.raises(ValueError, match="random weights"):
         freeze_leading_blocks(build_model(scratch, num_classes=2), scratch, 3)
     with pytest.raises(ValueError, match="frozen_blocks"):
         TrainingConfig(frozen_blocks=-1)

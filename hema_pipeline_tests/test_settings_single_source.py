@@ -63,7 +63,11 @@ def test_unset_training_settings_take_the_architectures_recipe_and_freezing_need
         PRETRAINED_RECIPE.learning_rate,
         PRETRAINED_RECIPE.frozen_blocks,
     )
+    # A configured value reaches the training configuration from the launchpad, over the recipe's.
+    assert TrainingRunConfig(frozen_blocks=5).settings().resolve("pbc8", 64)[1].frozen_blocks == 5
     assert TrainingSettings(frozen_blocks=0, epochs=3).resolve("pbc8", 64)[1].frozen_blocks == 0
+    with pytest.raises(ValueError, match="16 blocks"):
+        TrainingSettings(frozen_blocks=17).resolve("pbc8", 64)
     _, scratch = TrainingSettings(architecture="compact").resolve("pbc8", 64)
     assert (scratch.epochs, scratch.frozen_blocks) == (FROM_SCRATCH_RECIPE.epochs, 0)
     with pytest.raises(ValueError, match="random weights"):

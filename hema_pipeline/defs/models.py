@@ -42,7 +42,8 @@ _PROMOTION_DEFAULTS = PromotionPolicy()
 
 class TrainingRunConfig(dg.Config):
     """The launchpad face of ``modeling.stage.TrainingSettings``: the same fields with the same defaults (a
-    test holds them together). Unset epochs, rate and patience take the architecture's measured recipe."""
+    test holds them together). Unset epochs, rate, patience and frozen blocks take the architecture's
+    measured recipe."""
 
     architecture: str = _TRAINING_DEFAULTS.architecture
     epochs: int | None = _TRAINING_DEFAULTS.epochs

@@ -250,18 +250,26 @@ def load_pretrained_backbone(
     return origin
 
 
+def check_frozen_blocks(arch: ArchitectureConfig, blocks: int) -> None:
+    """Refuse a ``frozen_blocks`` that ``arch`` cannot honour: freezing needs pretrained weights to keep,
+    and no more blocks than the backbone has."""
+    if blocks == 0:
+        return
+    if arch.family != "efficientnet_lite" or arch.pretrained is None or arch.backbone is None:
+        raise ValueError(f"frozen_blocks {blocks}: {arch.name} starts from random weights, none to keep")
+    available = len(pretrained.block_specs(pretrained.variant(arch.backbone)))
+    if not 0 < blocks <= available:
+        raise ValueError(f"frozen_blocks {blocks}: {arch.backbone} has {available} blocks")
+
+
 def freeze_leading_blocks(model: keras.Model, arch: ArchitectureConfig, blocks: int) -> int:
     """Make the stem and the first ``blocks`` MBConv blocks of a pretrained EfficientNet-Lite untrainable;
     returns how many layers holding weights were frozen. Keras runs a frozen batch-norm layer in inference
     mode, so those blocks keep ImageNet's statistics as well as its weights. 0 leaves ``model`` as it is."""
+    check_frozen_blocks(arch, blocks)
     if blocks == 0:
         return 0
-    if arch.family != "efficientnet_lite" or arch.pretrained is None or arch.backbone is None:
-        raise ValueError(f"only a pretrained network's leading blocks can be frozen, not {arch.name}'s")
-    available = len(pretrained.block_specs(pretrained.variant(arch.backbone)))
-    if not 0 < blocks <= available:
-        raise ValueError(f"{arch.backbone} has {available} blocks; cannot freeze {blocks}")
-    names = pretrained.leading_layer_names(arch.backbone, blocks)
+    names = pretrained.leading_layer_names(str(arch.backbone), blocks)
     for name in names:
         model.get_layer(name).trainable = False
     return len(names)

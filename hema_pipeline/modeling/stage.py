@@ -112,7 +112,7 @@ class TrainingSettings:
 
     def resolve(self, task: str, image_size: int) -> tuple[ArchitectureConfig, TrainingConfig]:
         """The network and the full training configuration (both recorded in the model card)."""
-        from hema_pipeline.modeling.networks import architecture_preset
+        from hema_pipeline.modeling.networks import architecture_preset, check_frozen_blocks
         from hema_pipeline.modeling.training import TrainingConfig, recipe_for
 
         preset = architecture_preset(self.architecture or TASKS[task].architecture_hint, image_size)
@@ -131,8 +131,7 @@ class TrainingSettings:
             seed=self.seed,
             augment=False,  # the dataset's configured augmentation runs in the input pipeline
         )
-        if config.frozen_blocks and arch.pretrained is None:
-            raise ValueError(f"frozen_blocks {config.frozen_blocks}: {arch.name} starts from random weights, none to keep")
+        check_frozen_blocks(arch, config.frozen_blocks)  # before any data is read, not at the first training step
         return arch, config
 
 
