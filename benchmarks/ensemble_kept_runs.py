@@ -45,8 +45,7 @@ def main() -> None:
 
     from hema_pipeline.datasets.splits import VALIDATION
     from hema_pipeline.modeling.networks import ArchitectureConfig, combine_members, member_architecture
-    from hema_pipeline.modeling.registry import model_to_bytes, sha256_hex
-    from hema_pipeline.modeling.stage import CalibrationSettings, SplitReader, calibrate, load_trained
+    from hema_pipeline.modeling.stage import CalibrationSettings, SplitReader, calibrate, load_trained, store_trained
 
     member_arch = ArchitectureConfig.from_dict(first.trained.architecture)
     for run in runs[1:]:
@@ -56,10 +55,7 @@ def main() -> None:
     arch = dataclasses.replace(member_arch, ensemble_members=len(runs))
     members = [load_trained(run.lake, run.trained) for run in runs]
     ensemble = combine_members(arch, members)
-    model_bytes = model_to_bytes(ensemble)
-    key = f"models/{first.dataset.task}/trained/{sha256_hex(model_bytes)}.keras"
-    if not first.lake.exists(key):
-        first.lake.put_bytes(key, model_bytes)
+    key = store_trained(first.lake, first.dataset.task, ensemble)
     validation = SplitReader(first.dataset, first.lake).outputs(ensemble, VALIDATION, test_time_views=1)
     trained = dataclasses.replace(
         first.trained,

@@ -1,8 +1,10 @@
 """Unseen cell types, measured honestly on real images: leave one PBC class out of training, then count how
 many cells of that class the trained model refers as unfamiliar, against how many known cells it refers.
 
-    .venv/bin/python benchmarks/leave_one_class_out.py --held-out basophil monocyte --image-size 64 \
-        --architecture standard --epochs 12 --out /tmp/pbc_loco.json
+    .venv/bin/python benchmarks/leave_one_class_out.py --held-out basophil monocyte --out /tmp/pbc_loco.json
+
+Without ``--architecture``, ``--image-size``, ``--epochs`` and ``--patience`` each is the product default
+(the task's architecture hint and image size, the launchpad's training settings).
 
 Data path: the same as ``benchmarks/train_pbc.py`` (PBC -> pseudo-smears -> ``import_smear`` ->
 ``build_dataset`` for pbc8, patient-grouped 60/15/10/15). For each held-out class the pbc8 manifest is cut
@@ -124,8 +126,9 @@ def run_one(prepared, held_out_class: str, args) -> dict:
     known_calibration = reader.outputs(model, CALIBRATION, views)
     known_train = reader.outputs(model, TRAIN, views)
     held_test_rows = held_out_rows.loc[held_out_rows["split"] == TEST]
-    held_all = outputs_for_rows(model, lake, held_out_rows, args.image_size, crop, views)
-    held_test = outputs_for_rows(model, lake, held_test_rows, args.image_size, crop, views)
+    image_size = handle.config.image_size
+    held_all = outputs_for_rows(model, lake, held_out_rows, image_size, crop, views)
+    held_test = outputs_for_rows(model, lake, held_test_rows, image_size, crop, views)
 
     temperature = calibrated.temperature
     evaluation = evaluate_logits(known_test.logits, known_test.labels, handle.classes, temperature)
@@ -161,6 +164,9 @@ def run_one(prepared, held_out_class: str, args) -> dict:
         "held_out_class": held_out_class,
         "dataset_version": handle.dataset_version,
         "known_classes": list(handle.classes),
+        "architecture": trained.architecture,
+        "image_size": image_size,
+        "training_config": trained.training_config,
         "training_seconds": trained.training_seconds,
         "epochs_run": trained.epochs_run,
         "best_val_accuracy": trained.best_val_accuracy,
@@ -188,8 +194,12 @@ def run_one(prepared, held_out_class: str, args) -> dict:
 
 def markdown(results: list[dict], args, machine: str) -> str:
     lines = [
-        f"Model per held-out class: {args.architecture} at {args.image_size} px, up to {args.epochs} epochs "
-        f"(patience {args.patience}); {machine}.",
+        f"Model per held-out class: {r['architecture'].get('name', '?')} at {r['image_size']} px, up to "
+        f"{r['training_config'].get('epochs', '?')} epochs (patience {r['training_config'].get('early_stopping_patience', '?')}); "
+        f"{machine}."
+        for r in results[:1]
+    ]
+    lines += [
         "",
         "| held-out class | known-class test acc. | known test cells referred (energy) | held-out referred (energy): test split / all | energy ROC AUC (all) | Mahalanobis: known / held-out (all), AUC | top p ≤ 0.5, T=1: known / held-out | top p ≤ 0.5, calibrated: known / held-out | triage: held-out reaching a technologist | training s (epochs) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -222,14 +232,17 @@ def markdown(results: list[dict], args, machine: str) -> str:
 
 
 def main() -> None:
+    from hema_pipeline.modeling.networks import ARCHITECTURE_PRESETS
     from hema_pipeline.taxonomy import PBC_FOLDER_TO_CLASS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--held-out", nargs="+", default=["basophil"], choices=PBC_FOLDER_NAMES, help="PBC class folders")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--architecture", default="standard", choices=["compact", "standard", "large"])
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--patience", type=int, default=6)
+    parser.add_argument("--image-size", type=int, default=None, help="the task's image size (DatasetBuildConfig default)")
+    parser.add_argument(
+        "--architecture", default="", choices=["", *sorted(ARCHITECTURE_PRESETS)], help="default: the task's hint"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="TrainingSettings default")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (TrainingSettings default)")
     parser.add_argument("--max-per-class", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-seed", type=int, default=20260101)

@@ -105,3 +105,40 @@ def test_the_io_manager_stores_handles_in_the_lake_per_asset_and_partition(tmp_p
     lake = LocalObjectStore(tmp_path / "lake")
     assert json.loads(lake.get_bytes("dagster/handles/snapshot.json"))["handle"] == "CellSnapshot"
     assert decode_handle(lake.get_bytes("dagster/handles/reader.json").decode()) == 12
+
+
+def test_trained_networks_are_stored_once_under_the_hash_of_their_bytes(tmp_path):
+    """A re-run that trains the same weights adds no object; different weights get a different key; the key
+    loads back the network it names (the handle carries only the key)."""
+    import numpy as np
+
+    from hema_pipeline.modeling.networks import build_model, compact
+    from hema_pipeline.modeling.registry import model_to_bytes, sha256_hex
+    from hema_pipeline.modeling.stage import load_trained, store_trained
+
+    lake = LocalObjectStore(tmp_path / "lake")
+    network = build_model(compact(32), 3)
+    key = store_trained(lake, "pbc8", network)
+    assert key == f"models/pbc8/trained/{sha256_hex(model_to_bytes(network))}.keras"
+    written = {info.key: info.modified for info in lake.list("models/")}
+    assert store_trained(lake, "pbc8", network) == key
+    assert {info.key: info.modified for info in lake.list("models/")} == written
+
+    other = build_model(compact(32), 3)
+    other.set_weights([weights + 1.0 for weights in network.get_weights()])
+    other_key = store_trained(lake, "pbc8", other)
+    assert other_key != key and len(list(lake.list("models/pbc8/trained/"))) == 2
+
+    handle = TrainedModelHandle(
+        task="pbc8",
+        dataset_version="d1",
+        model_key=key,
+        architecture={},
+        training_config={},
+        training_seconds=1.0,
+        device="CPU",
+        epochs_run=1,
+        best_val_accuracy=0.5,
+    )
+    image = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(load_trained(lake, handle)(image, training=False), network(image, training=False), rtol=1e-6)

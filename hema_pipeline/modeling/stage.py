@@ -183,6 +183,16 @@ def load_trained(lake: ObjectStore, trained: TrainedModelHandle) -> keras.Model:
     return model_from_bytes(lake.get_bytes(trained.model_key))
 
 
+def store_trained(lake: ObjectStore, task: str, model: keras.Model) -> str:
+    """Put a trained network in the lake under the SHA-256 of its bytes and return that key. The same weights
+    always land on the same key and are written once, so a re-run adds nothing and a key never changes meaning."""
+    model_bytes = model_to_bytes(model)
+    key = f"models/{task}/trained/{sha256_hex(model_bytes)}.keras"
+    if not lake.exists(key):
+        lake.put_bytes(key, model_bytes)
+    return key
+
+
 @dataclass(frozen=True)
 class TrainedModel:
     handle: TrainedModelHandle
@@ -235,10 +245,7 @@ def train_for_dataset(
             checkpoints,
             progress=progress,
         )
-    model_bytes = model_to_bytes(result.model)
-    key = f"models/{dataset.task}/trained/{sha256_hex(model_bytes)}.keras"
-    if not lake.exists(key):
-        lake.put_bytes(key, model_bytes)
+    key = store_trained(lake, dataset.task, result.model)
     handle = TrainedModelHandle(
         task=dataset.task,
         dataset_version=dataset.dataset_version,
