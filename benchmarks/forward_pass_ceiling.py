@@ -77,7 +77,7 @@ def main() -> None:
     def xla_forward(batch: tf.Tensor) -> tf.Tensor:
         return model(dihedral_views(tf.cast(batch, tf.float32) * scale, 1), training=False)
 
-    rate = cells_per_second(lambda: xla_forward(images), args.batch, args.seconds)
+    rate = cells_per_second(lambda: xla_forward(images).numpy(), args.batch, args.seconds)
     rows.append({"engine": "XLA (jit_compile)", "views": 1, "cells_per_second": rate})
     print(f"XLA, 1 view: {rate:.1f} cells/s", flush=True)
 

@@ -192,7 +192,7 @@ def run_one(prepared, held_out_class: str, args) -> dict:
     return result
 
 
-def markdown(results: list[dict], args, machine: str) -> str:
+def markdown(results: list[dict], machine: str) -> str:
     lines = [
         f"Model per held-out class: {r['architecture'].get('name', '?')} at {r['image_size']} px, up to "
         f"{r['training_config'].get('epochs', '?')} epochs (patience {r['training_config'].get('early_stopping_patience', '?')}); "
@@ -273,7 +273,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2, default=str))
     print()
-    print(markdown(results, args, machine))
+    print(markdown(results, machine))
     print(f"\nwall time {summary['wall_seconds']:.0f} s; JSON: {args.out}")
 
 

@@ -107,27 +107,33 @@ def test_the_io_manager_stores_handles_in_the_lake_per_asset_and_partition(tmp_p
     assert decode_handle(lake.get_bytes("dagster/handles/reader.json").decode()) == 12
 
 
-def test_trained_networks_are_stored_once_under_the_hash_of_their_bytes(tmp_path):
-    """A re-run that trains the same weights adds no object; different weights get a different key; the key
-    loads back the network it names (the handle carries only the key)."""
+def test_trained_networks_are_stored_under_the_hash_of_their_bytes_and_written_once(tmp_path, monkeypatch):
+    """The key is the SHA-256 of the stored bytes; bytes already in the lake are not written again; other
+    weights get another key; the key loads back the network it names (the handle carries only the key)."""
     import numpy as np
 
+    from hema_pipeline.modeling import stage
     from hema_pipeline.modeling.networks import build_model, compact
     from hema_pipeline.modeling.registry import model_to_bytes, sha256_hex
-    from hema_pipeline.modeling.stage import load_trained, store_trained
 
     lake = LocalObjectStore(tmp_path / "lake")
     network = build_model(compact(32), 3)
-    key = store_trained(lake, "pbc8", network)
-    assert key == f"models/pbc8/trained/{sha256_hex(model_to_bytes(network))}.keras"
+    key = stage.store_trained(lake, "pbc8", network)
+    assert key == f"models/pbc8/trained/{sha256_hex(lake.get_bytes(key))}.keras"
+
+    # Keras stamps the save time into the file: pin one save's bytes so a second store sees the same bytes.
+    saved = model_to_bytes(network)
+    monkeypatch.setattr(stage, "model_to_bytes", lambda model: saved)
+    pinned_key = stage.store_trained(lake, "pbc8", network)
     written = {info.key: info.modified for info in lake.list("models/")}
-    assert store_trained(lake, "pbc8", network) == key
+    assert stage.store_trained(lake, "pbc8", network) == pinned_key
     assert {info.key: info.modified for info in lake.list("models/")} == written
+    monkeypatch.undo()
 
     other = build_model(compact(32), 3)
     other.set_weights([weights + 1.0 for weights in network.get_weights()])
-    other_key = store_trained(lake, "pbc8", other)
-    assert other_key != key and len(list(lake.list("models/pbc8/trained/"))) == 2
+    other_key = stage.store_trained(lake, "pbc8", other)
+    assert other_key not in written and len(list(lake.list("models/pbc8/trained/"))) == len(written) + 1
 
     handle = TrainedModelHandle(
         task="pbc8",
@@ -141,4 +147,4 @@ def test_trained_networks_are_stored_once_under_the_hash_of_their_bytes(tmp_path
         best_val_accuracy=0.5,
     )
     image = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    np.testing.assert_allclose(load_trained(lake, handle)(image, training=False), network(image, training=False), rtol=1e-6)
+    np.testing.assert_allclose(stage.load_trained(lake, handle)(image, training=False), network(image, training=False), rtol=1e-6)

@@ -184,8 +184,9 @@ def load_trained(lake: ObjectStore, trained: TrainedModelHandle) -> keras.Model:
 
 
 def store_trained(lake: ObjectStore, task: str, model: keras.Model) -> str:
-    """Put a trained network in the lake under the SHA-256 of its bytes and return that key. The same weights
-    always land on the same key and are written once, so a re-run adds nothing and a key never changes meaning."""
+    """Put a trained network in the lake under the SHA-256 of its saved bytes and return that key: a key never
+    names two different files, and bytes already stored are not written again. (Keras stamps the save time into
+    the file, so training the same weights again gives new bytes and a new key.)"""
     model_bytes = model_to_bytes(model)
     key = f"models/{task}/trained/{sha256_hex(model_bytes)}.keras"
     if not lake.exists(key):
