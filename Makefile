@@ -23,8 +23,9 @@ demo: $(BIN)/hema
 demo-pbc: $(BIN)/hema
 	$(BIN)/hema demo --pbc
 
+# --durations: the slowest tests, so the suite's cost stays visible in every CI log.
 test: $(BIN)/hema
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # The gates: lint, formatting and types (seconds). .ci/run runs them before the tests.
 lint: $(BIN)/hema
