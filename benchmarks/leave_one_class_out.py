@@ -193,13 +193,12 @@ def run_one(prepared, held_out_class: str, args) -> dict:
 
 
 def markdown(results: list[dict], machine: str) -> str:
+    # Every held-out class is trained with the same settings: the first result's stand for all.
+    first = results[0]
+    training = first["training_config"]
     lines = [
-        f"Model per held-out class: {r['architecture'].get('name', '?')} at {r['image_size']} px, up to "
-        f"{r['training_config'].get('epochs', '?')} epochs (patience {r['training_config'].get('early_stopping_patience', '?')}); "
-        f"{machine}."
-        for r in results[:1]
-    ]
-    lines += [
+        f"Model per held-out class: {first['architecture']['name']} at {first['image_size']} px, up to "
+        f"{training['epochs']} epochs (patience {training['early_stopping_patience']}); {machine}.",
         "",
         "| held-out class | known-class test acc. | known test cells referred (energy) | held-out referred (energy): test split / all | energy ROC AUC (all) | Mahalanobis: known / held-out (all), AUC | top p ≤ 0.5, T=1: known / held-out | top p ≤ 0.5, calibrated: known / held-out | triage: held-out reaching a technologist | training s (epochs) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
