@@ -55,7 +55,6 @@ def main() -> None:
     import tensorflow as tf
 
     from hema_pipeline.inference.predict import CellClassifier
-    from hema_pipeline.modeling.networks import dihedral_views
     from hema_pipeline.modeling.stage import load_trained
 
     run = load_kept_run(args.keep)
@@ -75,7 +74,7 @@ def main() -> None:
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)], jit_compile=True)
     def xla_forward(batch: tf.Tensor) -> tf.Tensor:
-        return model(dihedral_views(tf.cast(batch, tf.float32) * scale, 1), training=False)
+        return model(tf.cast(batch, tf.float32) * scale, training=False)
 
     rate = cells_per_second(lambda: xla_forward(images).numpy(), args.batch, args.seconds)
     rows.append({"engine": "XLA (jit_compile)", "views": 1, "cells_per_second": rate})

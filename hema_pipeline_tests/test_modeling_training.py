@@ -33,12 +33,12 @@ from hema_pipeline.modeling.networks import (
     architecture_preset,
     build_model,
     combine_members,
-    dihedral_views,
+    dihedral_view,
     large,
-    mean_over_views,
     member_architecture,
     predict_outputs,
     standard,
+    view_averaged,
 )
 from hema_pipeline.modeling.ood import MahalanobisScorer, energy_score, fit_ood_threshold
 from hema_pipeline.modeling.promotion import decide_promotion, load_champion
@@ -248,7 +248,7 @@ def test_predictions_stay_aligned_with_labels_of_a_reshuffling_dataset(trained: 
 
 def test_dihedral_views_are_the_eight_symmetries_of_the_square_and_subgroups():
     image = tf.reshape(tf.range(9, dtype=tf.float32), [1, 3, 3, 1])
-    views = dihedral_views(image, 8).numpy()[..., 0]
+    views = [dihedral_view(image, index).numpy()[0, ..., 0] for index in range(8)]
     as_tuples = {tuple(view.ravel()) for view in views}
     assert len(as_tuples) == 8  # all distinct: a pixel permutation each, no interpolation
     grid = image.numpy()[0, ..., 0]
@@ -257,17 +257,33 @@ def test_dihedral_views_are_the_eight_symmetries_of_the_square_and_subgroups():
     # The first 2 and 4 views are closed under composition: applying them to any of their own views
     # gives back the same set.
     for count in (2, 4):
-        first = dihedral_views(image, count).numpy()
-        again = dihedral_views(tf.constant(first), count).numpy()[..., 0]
-        assert {tuple(view.ravel()) for view in again} == {tuple(view.ravel()) for view in first[..., 0]}
+        first = {tuple(view.ravel()) for view in views[:count]}
+        for view in views[:count]:
+            batch = tf.constant(view.reshape(1, 3, 3, 1))
+            again = {tuple(dihedral_view(batch, index).numpy().ravel()) for index in range(count)}
+            assert again == first
+    with pytest.raises(ValueError, match="8 elements"):
+        dihedral_view(image, 8)
+
+
+def test_view_averaged_is_the_mean_of_the_network_over_the_views():
+    images = tf.constant(np.random.default_rng(0).normal(size=(2, 3, 3, 1)).astype(np.float32))
+    weights = tf.constant(np.arange(9, dtype=np.float32).reshape(9, 1))
+
+    def network(batch: tf.Tensor, training: bool) -> list[tf.Tensor]:
+        assert not training
+        flat = tf.reshape(batch, [-1, 9])
+        return [flat @ weights, tf.cast(flat[:, :2], tf.float16)]  # an orientation-dependent score; a cast
+
+    for views in (1, 2, 4, 8):
+        scores, pixels = view_averaged(network, images, views)
+        per_view = [network(dihedral_view(images, index), training=False) for index in range(views)]
+        np.testing.assert_allclose(scores.numpy(), np.mean([view[0].numpy() for view in per_view], axis=0), rtol=1e-6)
+        assert pixels.dtype == tf.float32
+    single = view_averaged(lambda batch, training: tf.reduce_sum(batch, axis=[1, 2, 3]), images, 8)
+    np.testing.assert_allclose(single.numpy(), tf.reduce_sum(images, axis=[1, 2, 3]).numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="test-time views"):
-        dihedral_views(image, 3)
-
-
-def test_mean_over_views_undoes_the_view_batching():
-    values = tf.constant(np.arange(2 * 4 * 3, dtype=np.float32).reshape(8, 3))  # 4 views of 2 cells
-    np.testing.assert_allclose(mean_over_views(values, 4).numpy(), values.numpy().reshape(4, 2, 3).mean(axis=0))
-    assert mean_over_views(values, 1) is values
+        view_averaged(network, images, 3)
 
 
 def test_eight_view_outputs_do_not_depend_on_the_cells_orientation(trained: TrainingResult):

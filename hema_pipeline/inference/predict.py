@@ -29,7 +29,7 @@ from hema_pipeline.inference.routing import (
 )
 from hema_pipeline.modeling.calibration import softmax
 from hema_pipeline.modeling.contract import ACCEPTED, ModelContract
-from hema_pipeline.modeling.networks import dihedral_views, mean_over_views
+from hema_pipeline.modeling.networks import view_averaged
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -103,15 +103,11 @@ class CellClassifier:
         # A fixed signature traces once; the last, smaller batch does not retrace.
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         def forward(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            outputs = network(dihedral_views(tf.cast(images, tf.float32) * pixel_scale, views), training=False)
+            outputs = view_averaged(network, tf.cast(images, tf.float32) * pixel_scale, views)
             if feature_scorer is None:
-                logits = mean_over_views(tf.cast(outputs, tf.float32), views)
-                return logits, tf.zeros([tf.shape(images)[0], 0], tf.float32)
+                return outputs, tf.zeros([tf.shape(images)[0], 0], tf.float32)
             logits, features = outputs
-            return (
-                mean_over_views(tf.cast(logits, tf.float32), views),
-                mean_over_views(tf.cast(features, tf.float32), views),
-            )
+            return logits, features
 
         self._forward = forward
 
