@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from scipy.stats import beta
 
 from hema_pipeline.taxonomy import (
     BASOPHIL,
@@ -47,6 +46,8 @@ def clopper_pearson(successes: int, trials: int, confidence: float = DEFAULT_CON
         raise ValueError(f"successes must be within [0, {trials}], got {successes}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    from scipy.stats import beta  # scipy.stats costs seconds to import; every Dagster run process imports this module
+
     tail = (1.0 - confidence) / 2.0
     lower = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
     upper = 1.0 if successes == trials else float(beta.ppf(1.0 - tail, successes + 1, trials - successes))

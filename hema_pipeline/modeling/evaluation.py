@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from hema_pipeline.modeling.calibration import log_softmax
 
@@ -94,6 +93,9 @@ def evaluate_logits(
     confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     cells = int(len(labels))
+
+    # sklearn's import costs seconds; every Dagster run process imports this module, few evaluate a model.
+    from sklearn.metrics import roc_auc_score
 
     rows = []
     notes: list[str] = []
