@@ -30,7 +30,7 @@ from hema_pipeline.taxonomy import CELL_CLASSES
 from hema_pipeline_tests.conftest import TEST_KEY_HEX, _free_port
 from hema_pipeline_tests.support import TEST_KEY
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.daemon
 
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "hema_pipeline"
