@@ -8,7 +8,7 @@ import boto3
 import duckdb
 import pytest
 
-from hema_pipeline.storage.object_store import LocalObjectStore, ObjectNotFound, S3ObjectStore, open_object_store
+from hema_pipeline.storage.object_store import LocalObjectStore, ObjectNotFound, S3ObjectStore, open_object_store, put_if_absent
 
 
 def _new_bucket(endpoint: str) -> str:
@@ -44,6 +44,22 @@ def test_object_store_contract(store):
     assert not store.exists("images/ab/x.jpg")
     with pytest.raises(ValueError):
         store.put_bytes("../escape", b"x")
+
+
+def test_put_if_absent_writes_a_content_addressed_key_once(store):
+    written: list[str] = []
+    original = store.put_bytes
+
+    def counting_put(key: str, data: bytes) -> None:
+        written.append(key)
+        original(key, data)
+
+    store.put_bytes = counting_put
+    put_if_absent(store, "images/ab/abc.jpg", b"cell")
+    put_if_absent(store, "images/ab/abc.jpg", b"cell")
+    put_if_absent(store, "images/cd/cde.jpg", b"other")
+    assert written == ["images/ab/abc.jpg", "images/cd/cde.jpg"]
+    assert store.get_bytes("images/ab/abc.jpg") == b"cell"
 
 
 def test_s3_store_keeps_keys_under_its_prefix(s3_endpoint):

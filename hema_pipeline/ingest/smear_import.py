@@ -50,6 +50,7 @@ from hema_pipeline.storage.object_store import (
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
+    put_if_absent,
 )
 from hema_pipeline.storage.warehouse import Warehouse, replace_rows
 from hema_pipeline.taxonomy import is_known_class
@@ -259,8 +260,7 @@ class _SmearImport:
     def keep_in_quarantine(self, data: bytes) -> tuple[str, str]:
         digest = _sha256(data)
         kept_key = f"{self.smear_id}/{digest}.bin"
-        if not self.targets.quarantine.exists(kept_key):
-            self.targets.quarantine.put_bytes(kept_key, data)
+        put_if_absent(self.targets.quarantine, kept_key, data)
         return kept_key, digest
 
     def quarantine_file(self, info: ObjectInfo, cell_id: int | None, code: str, reason: str) -> QuarantinedItem:
@@ -384,8 +384,7 @@ class _SmearImport:
             )
         digest = _sha256(clean.jpeg)
         key = image_key(digest)
-        if not self.targets.lake.exists(key):
-            self.targets.lake.put_bytes(key, clean.jpeg)
+        put_if_absent(self.targets.lake, key, clean.jpeg)
         row = {
             "cell_uid": f"{anonymous.smear_id}:{entry.cell_id}",
             "smear_id": anonymous.smear_id,

@@ -38,7 +38,7 @@ from hema_pipeline.modeling.calibration import CalibrationReport, ReferralOutcom
 from hema_pipeline.modeling.contract import ModelContract
 from hema_pipeline.modeling.evaluation import PER_CLASS_COLUMNS, EvaluationReport
 from hema_pipeline.modeling.ood import OodThreshold
-from hema_pipeline.storage.object_store import ObjectStore
+from hema_pipeline.storage.object_store import ObjectStore, put_if_absent
 from hema_pipeline.storage.warehouse import Warehouse, replace_rows
 
 if TYPE_CHECKING:
@@ -345,8 +345,7 @@ def register_model(
     if not existing.empty:
         return read_card(store, str(existing.iloc[0]["card_key"]))
 
-    if not store.exists(card.artifact_key):
-        store.put_bytes(card.artifact_key, model_bytes)
+    put_if_absent(store, card.artifact_key, model_bytes)
     for name, data in attachments.items():
         store.put_bytes(f"{prefix}/{name}", data)
     store.put_bytes(card.card_key, card.to_json().encode())

@@ -51,7 +51,7 @@ from hema_pipeline.modeling.registry import (
     sha256_hex,
     warehouse_rows,
 )
-from hema_pipeline.storage.object_store import ObjectStore
+from hema_pipeline.storage.object_store import ObjectStore, put_if_absent
 from hema_pipeline.storage.warehouse import Warehouse
 
 if TYPE_CHECKING:
@@ -189,8 +189,7 @@ def store_trained(lake: ObjectStore, task: str, model: keras.Model) -> str:
     the file, so training the same weights again gives new bytes and a new key.)"""
     model_bytes = model_to_bytes(model)
     key = f"models/{task}/trained/{sha256_hex(model_bytes)}.keras"
-    if not lake.exists(key):
-        lake.put_bytes(key, model_bytes)
+    put_if_absent(lake, key, model_bytes)
     return key
 
 

@@ -56,6 +56,13 @@ class ObjectStore(Protocol):
     def uri(self, key: str) -> str: ...
 
 
+def put_if_absent(store: ObjectStore, key: str, data: bytes) -> None:
+    """Write bytes under a content-addressed key (one that names a hash of ``data``) unless it is there:
+    the same key always holds the same bytes, so a re-run writes nothing twice."""
+    if not store.exists(key):
+        store.put_bytes(key, data)
+
+
 def _clean_key(key: str) -> str:
     parts = [part for part in key.replace("\\", "/").split("/") if part not in ("", ".")]
     if not parts or any(part == ".." for part in parts):
