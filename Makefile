@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(HEMA_HOME)/dagster_home
 export GX_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo demo-pbc test test-daemon lint format check ui benchmarks clean lock
+.PHONY: demo demo-pbc test test-e2e lint format check ui benchmarks clean lock
 
 $(BIN)/hema: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +23,16 @@ demo: $(BIN)/hema
 demo-pbc: $(BIN)/hema
 	$(BIN)/hema demo --pbc
 
-# The default suite: every test but the daemon's end-to-end ones. --durations: the slowest tests, so the
-# suite's cost stays visible in every CI log.
+# The default suite: every test but the end-to-end ones. --durations: the slowest tests, so the suite's
+# cost stays visible in every CI log.
 test: $(BIN)/hema
-	$(BIN)/python -m pytest -q -m "not daemon" --durations=25
+	$(BIN)/python -m pytest -q -m "not end_to_end" --durations=25
 
-# The real daemon end to end (`dagster dev`: sensors, queue, pools, run monitoring, kill -9 recovery, the UI
-# in Chromium). One at a time: these tests wait on the daemon's clocks and time its runs. CI runs them after `make test`.
-test-daemon: $(BIN)/hema
-	$(BIN)/python -m pytest -q -m daemon --durations=10
+# End to end, as a user runs it: `hema demo` from nothing, and the real daemon (`dagster dev`: sensors, queue,
+# pools, run monitoring, kill -9 recovery, PHI through its logs, the UI in Chromium). One at a time: these
+# wait on the daemon's clocks and time its runs. CI runs them after `make test`.
+test-e2e: $(BIN)/hema
+	$(BIN)/python -m pytest -q -m end_to_end --durations=15
 
 # The gates: lint, formatting and types (seconds). .ci/run runs them before the tests.
 lint: $(BIN)/hema

@@ -6,9 +6,13 @@ and the per-smear prediction asset, whatever their decoding and bookkeeping cost
 ``--keep`` is a folder kept by ``benchmarks/train_pbc.py --keep``. Its registered network runs through the
 product's own compiled forward pass (``CellClassifier``, the contract's pixel scaling and dihedral views) on
 random uint8 images already in memory, batch after batch for ``--seconds``, with 1, 2 and the contract's test-time
-views. Beside it, two engines the product does not use, to show whether they are levers here:
+views. Beside it, engines the product does not use, to show whether they are levers here:
 
 - the same forward pass compiled by XLA (``jit_compile=True``), one view;
+- the network converted to TensorFlow Lite (float32, no quantisation) and run by TensorFlow's own
+  ``tf.lite.Interpreter`` with its default XNNPACK CPU delegate on the machine's cores, one view and the
+  contract's views (dihedral views made in NumPy, one interpreter call per view, logits averaged), with
+  the largest difference from the product's logits on the same images;
 - the network with its batch-norm layers made identities: not a valid network, but an upper bound on what
   folding batch norm into the convolutions (one multiply-add less per activation) could gain.
 
@@ -41,6 +45,59 @@ def cells_per_second(run_batch: Callable[[], object], batch: int, seconds: float
         run_batch()
         cells += batch
     return cells / (time.perf_counter() - started)
+
+
+def tflite_rows(model, contract, images: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """The TensorFlow Lite rows: conversion time, cells/s with 1 and the contract's views, and the largest
+    logit difference from the product's forward pass."""
+    import os
+
+    import tensorflow as tf
+
+    from hema_pipeline.inference.predict import CellClassifier
+    from hema_pipeline.modeling.networks import dihedral_view
+
+    started = time.perf_counter()
+    flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    conversion_s = time.perf_counter() - started
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=os.cpu_count())
+    [model_input] = interpreter.get_input_details()
+    interpreter.resize_tensor_input(model_input["index"], list(images.shape))
+    interpreter.allocate_tensors()
+    logits_output = interpreter.get_output_details()[0]["index"]
+    scaled = tf.constant(images.astype(np.float32) * np.float32(CellClassifier(model, contract).pixel_range / 255.0))
+
+    def logits(views: int) -> np.ndarray:
+        total = np.zeros((len(images), len(contract.class_names)), np.float64)
+        for index in range(views):
+            interpreter.set_tensor(model_input["index"], np.ascontiguousarray(dihedral_view(scaled, index).numpy()))
+            interpreter.invoke()
+            total += interpreter.get_tensor(logits_output)
+        return total / views
+
+    rows = []
+    for views in sorted({1, contract.test_time_views}):
+        rate = cells_per_second(lambda views=views: logits(views), args.batch, args.seconds)
+        difference = float(
+            np.abs(
+                logits(views) - CellClassifier(model, dataclasses.replace(contract, test_time_views=views)).logits(images)
+            ).max()
+        )
+        rows.append(
+            {
+                "engine": "TensorFlow Lite, XNNPACK (float32)",
+                "views": views,
+                "cells_per_second": rate,
+                "max_abs_logit_difference": difference,
+                "conversion_seconds": conversion_s,
+            }
+        )
+        print(
+            f"TensorFlow Lite, {views} view(s): {rate:.1f} cells/s, {rate * views:.0f} network passes/s; "
+            f"largest logit difference from the product {difference:.2e}; conversion {conversion_s:.1f} s",
+            flush=True,
+        )
+    return rows
 
 
 def main() -> None:
@@ -79,6 +136,8 @@ def main() -> None:
     rate = cells_per_second(lambda: xla_forward(images).numpy(), args.batch, args.seconds)
     rows.append({"engine": "XLA (jit_compile)", "views": 1, "cells_per_second": rate})
     print(f"XLA, 1 view: {rate:.1f} cells/s", flush=True)
+
+    rows.extend(tflite_rows(model, contract, images, args))
 
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):

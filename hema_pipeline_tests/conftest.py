@@ -156,10 +156,10 @@ SERVER_FIXTURES = frozenset({"postgres_server", "postgres_database", "s3_endpoin
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that needs a server (PostgreSQL, moto_server), directly or through a "postgres" parameter,
-    or drives the daemon, is slow by definition, so `make check` leaves it out without anyone having to
+    or runs end to end, is slow by definition, so `make check` leaves it out without anyone having to
     remember the mark."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         needs_server = SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or "postgres" in params.values()
-        if needs_server or item.get_closest_marker("daemon"):
+        if needs_server or item.get_closest_marker("end_to_end"):
             item.add_marker(pytest.mark.slow)

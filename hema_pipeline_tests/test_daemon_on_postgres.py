@@ -30,7 +30,7 @@ from hema_pipeline_tests.test_ui import (
     train_a_champion_before_start,
 )
 
-pytestmark = pytest.mark.daemon
+pytestmark = pytest.mark.end_to_end
 
 SMEARS = 6  # twice MAX_CONCURRENT_RUNS and three times POOL_SLOTS: both limits are tested, not just met
 CELLS = 8

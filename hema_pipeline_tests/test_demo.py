@@ -13,7 +13,7 @@ import pytest
 
 from hema_pipeline.storage.warehouse import Warehouse
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.end_to_end
 
 
 def test_demo_runs_the_whole_chain_from_nothing(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from hema_pipeline.storage.warehouse import Warehouse
 from hema_pipeline_tests.phi import byte_hits, decoded_hits
 from hema_pipeline_tests.test_ui import REPO, RUN_TIMEOUT_S, _wait_until, dagster_dev_environment, running_dagster_dev
 
-pytestmark = pytest.mark.daemon
+pytestmark = pytest.mark.end_to_end
 
 SECRET = "KEYFILE-CANARY-7d1f0c"
 STRAY = "STRAYDOE_MRN55501234"

@@ -218,7 +218,7 @@ def _report(name: str, timings: dict[str, float]) -> None:
     print(f"\n{name}: " + "; ".join(f"{what} after {seconds:.1f} s" for what, seconds in timings.items()))
 
 
-@pytest.mark.daemon
+@pytest.mark.end_to_end
 def test_killed_import_run_frees_the_writer_slot_and_is_retried(tmp_path: Path) -> None:
     import dagster as dg
 
@@ -243,7 +243,7 @@ def test_killed_import_run_frees_the_writer_slot_and_is_retried(tmp_path: Path) 
         _record_inbox_mentions(home, inbox, instance, run.run_id, server)
 
 
-@pytest.mark.daemon
+@pytest.mark.end_to_end
 def test_run_left_started_by_a_crash_is_failed_by_monitoring(tmp_path: Path) -> None:
     """The whole of `dagster dev` dies mid-import (a host crash, `kill -9` of the service): nothing marks the
     run, it is STARTED holding the slot after the restart, and only the monitoring daemon's max runtime

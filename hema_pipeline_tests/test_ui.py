@@ -30,7 +30,7 @@ from hema_pipeline.taxonomy import CELL_CLASSES
 from hema_pipeline_tests.conftest import TEST_KEY_HEX, _free_port
 from hema_pipeline_tests.support import TEST_KEY
 
-pytestmark = pytest.mark.daemon
+pytestmark = pytest.mark.end_to_end
 
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "hema_pipeline"
