@@ -11,8 +11,8 @@ views. Beside it, engines the product does not use, to show whether they are lev
 - the same forward pass compiled by XLA (``jit_compile=True``), one view;
 - the network converted to TensorFlow Lite (float32, no quantisation) and run by TensorFlow's own
   ``tf.lite.Interpreter`` with its default XNNPACK CPU delegate on the machine's cores, one view and the
-  contract's views (dihedral views made in NumPy, one interpreter call per view, logits averaged), with
-  the largest difference from the product's logits on the same images;
+  contract's views (the product's ``dihedral_view`` inside the timed loop, one interpreter call per view,
+  logits averaged), with the largest difference from the product's logits on the same images;
 - the network with its batch-norm layers made identities: not a valid network, but an upper bound on what
   folding batch norm into the convolutions (one multiply-add less per activation) could gain.
 

@@ -254,6 +254,11 @@ def test_dihedral_views_are_the_eight_symmetries_of_the_square_and_subgroups():
     grid = image.numpy()[0, ..., 0]
     expected = {tuple(np.rot90(flipped, turns).ravel()) for flipped in (grid, grid.T) for turns in range(4)}
     assert as_tuples == expected
+    # The order is part of every model card that says 2 or 4 views: identity, half turn, the two flips, then
+    # the transpose and its three compositions.
+    in_order = [grid, grid[::-1, ::-1], grid[::-1], grid[:, ::-1], grid.T, grid.T[::-1, ::-1], grid.T[::-1], grid.T[:, ::-1]]
+    for view, wanted in zip(views, in_order, strict=True):
+        np.testing.assert_array_equal(view, wanted)
     # The first 2 and 4 views are closed under composition: applying them to any of their own views
     # gives back the same set.
     for count in (2, 4):
@@ -280,6 +285,8 @@ def test_view_averaged_is_the_mean_of_the_network_over_the_views():
         per_view = [network(dihedral_view(images, index), training=False) for index in range(views)]
         np.testing.assert_allclose(scores.numpy(), np.mean([view[0].numpy() for view in per_view], axis=0), rtol=1e-6)
         assert pixels.dtype == tf.float32
+        expected_pixels = np.mean([view[1].numpy().astype(np.float32) for view in per_view], axis=0)
+        np.testing.assert_allclose(pixels.numpy(), expected_pixels, rtol=1e-3)
     single = view_averaged(lambda batch, training: tf.reduce_sum(batch, axis=[1, 2, 3]), images, 8)
     np.testing.assert_allclose(single.numpy(), tf.reduce_sum(images, axis=[1, 2, 3]).numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="test-time views"):

@@ -447,7 +447,7 @@ def view_averaged(network: Callable[..., Any], images: tf.Tensor, views: int) ->
 
     One network call per view, not one call on all views stacked: on a CPU a batch of 64 images runs
     1.6x faster per image than the same images stacked 8 views deep into one 512-image call
-    (``benchmarks/forward_pass_ceiling.py``), and peak memory no longer grows with the view count."""
+    (``benchmarks/forward_pass_ceiling.py``)."""
     check_test_time_views(views)
 
     def outputs_of_view(index: int) -> list[tf.Tensor]:
