@@ -32,7 +32,7 @@ from hema_pipeline_tests.test_ui import (
 
 pytestmark = pytest.mark.end_to_end
 
-SMEARS = 6  # twice MAX_CONCURRENT_RUNS and three times POOL_SLOTS: both limits are tested, not just met
+SMEARS = 6  # twice MAX_CONCURRENT_RUNS, three times POOL_SLOTS: more work arrives than either limit admits at once
 CELLS = 8
 MAX_CONCURRENT_RUNS = 3
 POOL_SLOTS = 2
