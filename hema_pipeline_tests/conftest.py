@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +15,25 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TEST_KEY_HEX = "5e" * 32
+
+
+def restore_stop_signals() -> None:
+    """Let SIGINT and SIGTERM stop this process and everything it starts, however it was started.
+
+    A job started in the background of a non-interactive shell (`cmd &`, as a CI runner may start
+    .ci/run) inherits SIGINT ignored, and Dagster maps SIGTERM to SIGINT's handler whenever it runs
+    something (`dagster._utils.interrupts`): SIGTERM becomes ignored too, in this process and, since an
+    ignored signal stays ignored across exec, in every pool worker and server a test starts afterwards. A
+    multiprocessing pool's terminate() then waits forever on a worker it cannot stop, and `dagster dev`
+    ignores the SIGTERM that should stop it."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    restore_stop_signals()
 
 
 @dataclass

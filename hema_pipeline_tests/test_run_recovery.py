@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,43 @@ def test_project_instance_frees_slots_of_dead_runs_and_retries_them(tmp_path: Pa
         assert instance.run_monitoring_max_resume_run_attempts == 0
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 1
         assert not instance.run_retries_retry_on_asset_or_op_failure
+
+
+# What a test process does to its stop signals, then whether a process it starts obeys SIGTERM.
+_STOP_A_CHILD = """
+import signal, subprocess, sys
+if sys.argv[1] == "restored":
+    from hema_pipeline_tests.conftest import restore_stop_signals
+    restore_stop_signals()
+from dagster._utils.interrupts import setup_interrupt_handlers
+setup_interrupt_handlers()  # as Dagster does whenever it runs something
+child = subprocess.Popen(["sleep", "60"])
+child.send_signal(signal.SIGTERM)
+try:
+    child.wait(timeout=5)
+    print("stopped")
+except subprocess.TimeoutExpired:
+    child.kill()
+    print("ignored SIGTERM")
+"""
+
+
+@pytest.mark.parametrize(("signals", "child"), [("as started", "ignored SIGTERM"), ("restored", "stopped")])
+def test_a_test_run_started_in_the_background_can_stop_what_it_starts(signals: str, child: str) -> None:
+    """`cmd &` in a non-interactive shell starts cmd with SIGINT ignored; Dagster then makes SIGTERM ignored
+    too, and every pool worker or server started afterwards inherits it ("as started": the failure
+    conftest.restore_stop_signals exists for, which hung a pool's terminate() in CI)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _STOP_A_CHILD, signals],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `cmd &` starts cmd
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == child
 
 
 @dataclass
