@@ -488,7 +488,8 @@ def _compiled_outputs(model: keras.Model, test_time_views: int) -> Callable[[tf.
     cache keeps at most one model alive beyond its use (the traced function holds it)."""
     extractor = feature_extractor(model)
 
-    # No Python control flow inside, so no AutoGraph (which fails on this closure with a warning).
+    # Its only Python control flow is view_averaged's loop over a constant, unrolled while tracing, so no
+    # AutoGraph (which fails on this closure with a warning).
     @tf.function(reduce_retracing=True, autograph=False)
     def run(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         logits, features = view_averaged(extractor, tf.cast(images, tf.float32), test_time_views)
